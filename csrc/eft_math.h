@@ -1,0 +1,165 @@
+// Per-element math of EFT sampling, shared by the CPU (C++) and CUDA sources.
+//
+// Everything here is a pure function of its arguments, so the CPU and CUDA backends
+// compute bit-identical noise and identical per-token scores (up to the order of
+// floating-point reductions, which lives in the backends). The spec is DESIGN.md
+// sections 2 and 3; the fp64 reference is eft_fast/reference.py.
+#pragma once
+
+#include <cstdint>
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define EFT_HD __host__ __device__ __forceinline__
+#define EFT_UNROLL _Pragma("unroll")
+#else
+#define EFT_HD inline
+#define EFT_UNROLL _Pragma("GCC unroll 10")
+#endif
+
+namespace eft_fast {
+
+// Row status codes, reported per row by every backend (eft_fast/ops.py decodes them).
+enum RowStatus : int32_t {
+  kRowOk = 0,
+  kRowNaN = 1,        // a NaN in any input logit of the row
+  kRowNoToken = 2,    // every token is masked (-inf score) or filtered out
+};
+
+// Upper bound (with margin) of the Gumbel noise g = -log(-log(u)), u in
+// [0.5 * 2^-32, 1 - 0.5 * 2^-32]: the largest value is about 22.87. A candidate j with
+// z_j / T + kGumbelMax < best cannot win, so its noise need not be computed.
+constexpr float kGumbelMax = 24.0f;
+
+struct Philox4 {
+  uint32_t w0, w1, w2, w3;
+};
+
+EFT_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Philox 4x32 with 10 rounds (Salmon et al. 2011), bit for bit what Triton's
+// tl.philox(seed, c0, c1, c2, c3) returns with key = (seed & 0xffffffff, seed >> 32).
+EFT_HD Philox4 philox4x32_10(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffull);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+EFT_UNROLL
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {c0, c1, c2, c3};
+}
+
+// Exponential variate E = -log(u), u = (w + 0.5) * 2^-32, without cancellation near u = 1.
+EFT_HD float exponential_from_word(uint32_t w) {
+  constexpr float kTwoPowMinus32 = 2.3283064365386963e-10f;
+  if (w < 0x80000000u) {
+    return -logf((static_cast<float>(w) + 0.5f) * kTwoPowMinus32);
+  }
+  // u > 1/2: 1 - u = (~w + 0.5) * 2^-32 is small and exact in float.
+  return -log1pf(-(static_cast<float>(~w) + 0.5f) * kTwoPowMinus32);
+}
+
+// Gumbel noise of token j at sequence position `position` for a request's `seed`.
+EFT_HD float gumbel_noise(uint64_t seed, uint32_t token, uint32_t position) {
+  const Philox4 r = philox4x32_10(seed, token, position, 0u, 0u);
+  return -logf(exponential_from_word(r.w0));
+}
+
+// Order-preserving map float -> uint32 (larger float, larger key; -inf is below every
+// finite value). Top-k / top-p thresholds are searched over these keys by radix select.
+EFT_HD uint32_t order_key(float v) {
+  uint32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = __float_as_uint(v);
+#else
+  __builtin_memcpy(&bits, &v, sizeof(bits));
+#endif
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+EFT_HD float key_to_float(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  float v;
+#if defined(__CUDA_ARCH__)
+  v = __uint_as_float(bits);
+#else
+  __builtin_memcpy(&v, &bits, sizeof(v));
+#endif
+  return v;
+}
+
+// -inf marks a masked token; checking it before subtracting keeps -inf - (-inf) from
+// ever producing NaN.
+EFT_HD bool is_neg_inf(float v) { return v == -INFINITY; }
+
+// The unnormalised small-scale policy of one token, c_j = x_R0 + sum_r beta_r (x_T[r] - x_R[r]).
+// log_softmax is shift invariant, so s = log_softmax(c) equals DESIGN.md's
+// log_softmax(l_R0 + a). A token where any logit is -inf is masked (-inf).
+// `tuned[r]` and `ref[r]` are the logits of tuned model r and its reference (ref[r] is
+// ref[0] when the reference is shared).
+template <typename LoadT, typename LoadR, typename LoadB>
+EFT_HD float small_policy_logit(int num_tuned, float ref0, LoadT tuned, LoadR ref, LoadB beta,
+                                bool* masked) {
+  bool m = is_neg_inf(ref0);
+  float c = ref0;
+  for (int r = 0; r < num_tuned; ++r) {
+    const float t = tuned(r);
+    const float rr = ref(r);
+    m = m || is_neg_inf(t) || is_neg_inf(rr);
+    c += beta(r) * (t - rr);
+  }
+  *masked = m;
+  return m ? -INFINITY : c;
+}
+
+// Online log-sum-exp state (max, sum of exp(x - max)).
+struct OnlineLse {
+  float max = -INFINITY;
+  float sum = 0.0f;
+  EFT_HD void add(float x) {
+    if (x == -INFINITY) return;
+    if (x > max) {
+      sum = sum * expf(max - x) + 1.0f;
+      max = x;
+    } else {
+      sum += expf(x - max);
+    }
+  }
+  EFT_HD void merge(const OnlineLse& o) {
+    if (o.max == -INFINITY) return;
+    if (max == -INFINITY) { *this = o; return; }
+    if (o.max > max) {
+      sum = sum * expf(max - o.max) + o.sum;
+      max = o.max;
+    } else {
+      sum += o.sum * expf(o.max - max);
+    }
+  }
+  // log(sum_j exp(x_j)); -inf when every x_j is -inf.
+  EFT_HD float value() const { return max == -INFINITY ? -INFINITY : max + logf(sum); }
+};
+
+// The EFT score of one token (DESIGN.md section 2):
+//   z = s + [s >= tau_w] * ((x_K - lse_K) - (x_R0 - lse_R0)),
+// masked to -inf when the knowledge or reference logit is -inf inside S.
+EFT_HD float eft_score(float s, bool in_truncation_set, float knowledge, float lse_knowledge,
+                       float ref0, float lse_ref0) {
+  if (s == -INFINITY) return -INFINITY;
+  if (!in_truncation_set) return s;
+  if (is_neg_inf(knowledge) || is_neg_inf(ref0)) return -INFINITY;
+  return s + ((knowledge - lse_knowledge) - (ref0 - lse_ref0));
+}
+
+}  // namespace eft_fast
