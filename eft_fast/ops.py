@@ -1,0 +1,120 @@
+"""eft_sample: the fused EFT sampling op behind one Python function, with backend dispatch."""
+from __future__ import annotations
+
+import torch
+
+from . import _extension
+from ._validation import EFTInputs, normalize_inputs
+from .reference import ROW_NAN, ROW_NO_TOKEN, eft_sample_reference
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+
+class EFTRowError(ValueError):
+    """Some rows could not be sampled: a NaN/+inf input logit, or no allowed token.
+
+    ``rows_nan`` and ``rows_no_token`` list the offending row indices.
+    """
+
+    def __init__(self, rows_nan: list[int], rows_no_token: list[int]):
+        parts = []
+        if rows_nan:
+            parts.append(f"rows {rows_nan} have NaN or +inf logits")
+        if rows_no_token:
+            parts.append(f"rows {rows_no_token} have no allowed token (every token masked or filtered)")
+        super().__init__("eft_sample: " + "; ".join(parts))
+        self.rows_nan = rows_nan
+        self.rows_no_token = rows_no_token
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that `backend` names for tensors on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "cuda" if _extension.has_backend("cuda") else "triton"
+        return "cpu" if _extension.has_backend("cpu") and device.type == "cpu" else "torch"
+    if backend in ("cpu", "cuda") and device.type != backend:
+        raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
+    if backend in ("cpu", "cuda") and not _extension.has_backend(backend):
+        raise ValueError(f"backend={backend!r} is not compiled into this build of eft_fast "
+                         f"(compiled: {_extension.build_info()['backends']})")
+    return backend
+
+
+def _native_logits(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dtype == torch.float64:
+        t = t.to(torch.float32)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def run_backend(inputs: EFTInputs, backend: str, return_logprobs: bool):
+    """Run one resolved backend on canonical inputs, without error checks.
+
+    Returns (tokens [B] int64, logprob [B] fp32, row_logprobs [B, V] fp32 or [0, V], status [B] int32).
+    Safe inside CUDA graphs for the cuda and triton backends (no host sync).
+    """
+    if backend == "torch":
+        out = eft_sample_reference(*inputs.as_args())
+        rows = out.row_logprobs.to(torch.float32) if return_logprobs else \
+            out.row_logprobs.new_empty(0, inputs.vocab_size, dtype=torch.float32)
+        return out.tokens, out.logprob.to(torch.float32), rows, out.status
+    args = (_native_logits(inputs.knowledge), _native_logits(inputs.tuned), _native_logits(inputs.reference),
+            inputs.seeds, inputs.positions, inputs.reward_weights, inputs.temperature, inputs.weight_top_p,
+            inputs.top_k, inputs.top_p, inputs.vocab_size, return_logprobs)
+    if backend == "triton":
+        from .kernels.eft_sample import eft_sample_triton
+
+        return eft_sample_triton(*args)
+    return _extension.ops().eft_sample(*args)
+
+
+def check_status(status: torch.Tensor) -> None:
+    """Raise EFTRowError if any row failed (one device-to-host copy)."""
+    status = status.cpu()
+    if bool((status == 0).all()):
+        return
+    rows_nan = (status == ROW_NAN).nonzero().flatten().tolist()
+    rows_no_token = (status == ROW_NO_TOKEN).nonzero().flatten().tolist()
+    raise EFTRowError(rows_nan, rows_no_token)
+
+
+def eft_sample(knowledge, tuned, reference, seeds, positions, *, reward_weights=None, temperature=1.0,
+               weight_top_p=1.0, top_k=0, top_p=1.0, vocab_size=None, return_logprobs=False,
+               backend="auto"):
+    """Sample one token per row from the EFT distribution (DESIGN.md sections 2-3).
+
+    Args:
+        knowledge: [B, Vk] fp32/bf16/fp16 logits of the knowledge model, or None for draft
+            mode (sample from the small-scale policy s).
+        tuned: [B, Vt] or [R, B, Vt] logits of the tuned model(s).
+        reference: [B, Vr] or [Rr, B, Vr] (Rr in {1, R}) logits of the reference model(s);
+            may be None in draft mode with R = 1 and weight 1.
+        seeds: [B] int64 per-request seeds (or an int for all rows).
+        positions: [B] int64 absolute positions of the tokens being sampled.
+        reward_weights: [B, R] (or [R]) reward weights beta; None = all ones.
+        temperature: float or [B]; 0 = greedy.
+        weight_top_p: float or [B] in (0, 1]; top-p truncation of the up-scaling weights.
+        top_k: int or [B] int; 0 = off. top_p: float or [B] in (0, 1]; 1 = off.
+        vocab_size: the shared vocabulary; needed when input widths differ (padding).
+        return_logprobs: also return the [B, V] fp32 rows of log softmax(z).
+        backend: "auto" | "cpu" | "cuda" | "triton" | "torch".
+    Returns:
+        (tokens [B] int64, logprob [B] fp32) or, with return_logprobs,
+        (tokens, logprob, row_logprobs [B, V] fp32).
+    Raises:
+        TypeError / ValueError naming the bad argument; EFTRowError (a ValueError) naming the
+        rows with NaN logits or no allowed token.
+    """
+    inputs = normalize_inputs(knowledge, tuned, reference, seeds, positions, reward_weights=reward_weights,
+                              temperature=temperature, weight_top_p=weight_top_p, top_k=top_k, top_p=top_p,
+                              vocab_size=vocab_size)
+    resolved = resolve_backend(backend, inputs.device)
+    tokens, logprob, row_logprobs, status = run_backend(inputs, resolved, return_logprobs)
+    check_status(status)
+    if return_logprobs:
+        return tokens, logprob, row_logprobs
+    return tokens, logprob
