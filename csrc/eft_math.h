@@ -100,29 +100,35 @@ EFT_HD float key_to_float(uint32_t key) {
   return v;
 }
 
+// The float threshold of a radix-selected key: {v >= threshold} == {order_key(v) >= key}
+// for every non-NaN v except -0.0 vs +0.0. Keys at or below -inf's mean "everything".
+EFT_HD float threshold_from_key(uint32_t key) {
+  return key <= order_key(-INFINITY) ? -INFINITY : key_to_float(key);
+}
+
 // -inf marks a masked token; checking it before subtracting keeps -inf - (-inf) from
 // ever producing NaN.
 EFT_HD bool is_neg_inf(float v) { return v == -INFINITY; }
 
-// The unnormalised small-scale policy of one token, c_j = x_R0 + sum_r beta_r (x_T[r] - x_R[r]).
-// log_softmax is shift invariant, so s = log_softmax(c) equals DESIGN.md's
-// log_softmax(l_R0 + a). A token where any logit is -inf is masked (-inf).
-// `tuned[r]` and `ref[r]` are the logits of tuned model r and its reference (ref[r] is
-// ref[0] when the reference is shared).
-template <typename LoadT, typename LoadR, typename LoadB>
-EFT_HD float small_policy_logit(int num_tuned, float ref0, LoadT tuned, LoadR ref, LoadB beta,
-                                bool* masked) {
-  bool m = is_neg_inf(ref0);
-  float c = ref0;
-  for (int r = 0; r < num_tuned; ++r) {
-    const float t = tuned(r);
-    const float rr = ref(r);
-    m = m || is_neg_inf(t) || is_neg_inf(rr);
-    c += beta(r) * (t - rr);
-  }
-  *masked = m;
-  return m ? -INFINITY : c;
+// The unnormalised small-scale policy of one token,
+//   c_j = x_R0 + sum_r beta_r (x_T[r] - x_R[r]),
+// built term by term: start_small_policy(x_R0), add_reward_term for each tuned model,
+// finish_small_policy. log_softmax is shift invariant, so s = log_softmax(c) equals
+// DESIGN.md's log_softmax(l_R0 + a). A token where any logit is -inf is masked (-inf);
+// the mask is applied last, so -inf - (-inf) never leaks out as NaN. Without a reference
+// (draft mode, R = 1, weight 1) x_R0 and x_R[0] are taken as 0, so c = x_T[0].
+EFT_HD float start_small_policy(float ref0, bool* masked) {
+  *masked = is_neg_inf(ref0);
+  return ref0;
 }
+EFT_HD float add_reward_term(float c, bool* masked, float beta, float tuned, float ref) {
+  *masked = *masked | is_neg_inf(tuned) | is_neg_inf(ref);
+  return c + beta * (tuned - ref);
+}
+EFT_HD float finish_small_policy(float c, bool masked) { return masked ? -INFINITY : c; }
+
+// A logit that makes its row an error: NaN or +inf (written so that NaN compares true).
+EFT_HD bool is_bad_logit(float x) { return !(x < INFINITY); }
 
 // Online log-sum-exp state (max, sum of exp(x - max)).
 struct OnlineLse {
@@ -152,14 +158,13 @@ struct OnlineLse {
 };
 
 // The EFT score of one token (DESIGN.md section 2):
-//   z = s + [s >= tau_w] * ((x_K - lse_K) - (x_R0 - lse_R0)),
-// masked to -inf when the knowledge or reference logit is -inf inside S.
-EFT_HD float eft_score(float s, bool in_truncation_set, float knowledge, float lse_knowledge,
-                       float ref0, float lse_ref0) {
-  if (s == -INFINITY) return -INFINITY;
-  if (!in_truncation_set) return s;
-  if (is_neg_inf(knowledge) || is_neg_inf(ref0)) return -INFINITY;
-  return s + ((knowledge - lse_knowledge) - (ref0 - lse_ref0));
+//   z = s + [j in S] ((x_K - lse_K) - (x_R0 - lse_R0)),
+// computed as s + (d + shift) with d = x_K - x_R0 and shift = lse_R0 - lse_K. Inside S a
+// -inf knowledge logit masks the token (d = -inf); outside S the knowledge model does not
+// enter the score. `in_set` is s >= tau_w, the truncation threshold.
+EFT_HD float eft_score(float s, bool in_set, float d, float shift) {
+  if (s == -INFINITY || !in_set) return s;
+  return d == -INFINITY ? -INFINITY : s + (d + shift);
 }
 
 }  // namespace eft_fast

@@ -62,7 +62,11 @@ def run_backend(inputs: EFTInputs, backend: str, return_logprobs: bool):
         rows = out.row_logprobs.to(torch.float32) if return_logprobs else \
             out.row_logprobs.new_empty(0, inputs.vocab_size, dtype=torch.float32)
         return out.tokens, out.logprob.to(torch.float32), rows, out.status
-    args = (_native_logits(inputs.knowledge), _native_logits(inputs.tuned), _native_logits(inputs.reference),
+    logits = [inputs.knowledge, inputs.tuned, inputs.reference]
+    if len({t.dtype for t in logits if t is not None}) > 1:
+        # Models in different dtypes: the kernels read one dtype; fp32 loses nothing.
+        logits = [None if t is None else t.to(torch.float32) for t in logits]
+    args = (*(_native_logits(t) for t in logits),
             inputs.seeds, inputs.positions, inputs.reward_weights, inputs.temperature, inputs.weight_top_p,
             inputs.top_k, inputs.top_p, inputs.vocab_size, return_logprobs)
     if backend == "triton":

@@ -68,6 +68,7 @@ def top_p_threshold_mask(log_probs: torch.Tensor, p: torch.Tensor) -> torch.Tens
     Returns:
         [B, V] bool.
     """
+    keep_all = (p >= 1)[:, None]  # p = 1: every finite token, whatever the rounding of the sums
     sorted_lp, _ = torch.sort(log_probs, dim=-1, descending=True)
     cum = torch.cumsum(torch.exp(sorted_lp), dim=-1)
     reached = cum >= p[:, None]
@@ -75,7 +76,7 @@ def top_p_threshold_mask(log_probs: torch.Tensor, p: torch.Tensor) -> torch.Tens
     first = torch.where(reached.any(-1), reached.to(torch.int64).argmax(-1),
                         (~torch.isneginf(sorted_lp)).sum(-1).clamp(min=1) - 1)
     tau = sorted_lp.gather(-1, first[:, None])
-    return (log_probs >= tau) & ~torch.isneginf(log_probs)
+    return ((log_probs >= tau) | keep_all) & ~torch.isneginf(log_probs)
 
 
 def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ def eft_sample_reference(
     for t in inputs:
         bad = torch.isnan(t) | torch.isposinf(t)
         bad_input |= bad.reshape(-1, batch, V).any(0).any(-1) if t.dim() == 3 else bad.any(-1)
-    clean = lambda t: None if t is None else torch.nan_to_num(t, nan=0.0, posinf=0.0)  # noqa: E731
+    clean = lambda t: None if t is None else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=NEG_INF)  # noqa: E731
     knowledge, tuned, reference = clean(knowledge), clean(tuned), clean(reference)
 
     s, z = eft_scores(knowledge, tuned, reference, reward_weights.to(torch.float64),

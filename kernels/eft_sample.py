@@ -51,7 +51,7 @@ def _lse_update(m, total, x):
 
 @triton.jit
 def _lse_value(m, total):
-    return tl.where(m == float("-inf"), float("-inf"), m + tl.log(total))
+    return tl.where(m == float("-inf"), float("-inf"), m + tl.log(tl.where(total > 0.0, total, 1.0)))
 
 
 @triton.jit
@@ -60,6 +60,12 @@ def _load_logits(ptr, offs, V):
     x = tl.load(ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
     bad = (x != x) | (x == float("inf"))
     return tl.where(bad, 0.0, x), bad
+
+
+@triton.jit
+def _unmask(x):
+    """-inf -> 0, so that arithmetic on masked lanes (later discarded) never makes NaN."""
+    return tl.where(x == float("-inf"), 0.0, x)
 
 
 @triton.jit
@@ -73,9 +79,11 @@ def _small_policy(c, lse_c):
 def _eft_score(s, in_set, x_k, lse_k, x_r0, lse_r0):
     """z = s + [j in S] ((x_K - lse_K) - (x_R0 - lse_R0)); -inf - -inf is masked, never NaN."""
     masked_weight = (x_k == float("-inf")) | (x_r0 == float("-inf"))
+    x_k = tl.where(masked_weight, 0.0, x_k)
+    x_r0 = tl.where(masked_weight, 0.0, x_r0)
     lse_k = tl.where(lse_k == float("-inf"), 0.0, lse_k)
     lse_r0 = tl.where(lse_r0 == float("-inf"), 0.0, lse_r0)
-    up_weight = tl.where(masked_weight, 0.0, (x_k - lse_k) - (x_r0 - lse_r0))
+    up_weight = (x_k - lse_k) - (x_r0 - lse_r0)
     z = tl.where(in_set, s + up_weight, s)
     z = tl.where(in_set & masked_weight, float("-inf"), z)
     return tl.where(s == float("-inf"), float("-inf"), z)
@@ -90,7 +98,8 @@ def _gumbel_noise(seed, offs, position, USE_LIBDEVICE: tl.constexpr):
     low_half = (w0 >> 31) == 0
     u = (w0.to(tl.float32) + 0.5) * 2.3283064365386963e-10
     # For u > 1/2, 1 - u = (~w0 + 0.5) 2^-32 is exact; log1p(-(1 - u)) avoids cancellation.
-    complement = tl.where(low_half, 0.25, ((~w0).to(tl.float32) + 0.5) * 2.3283064365386963e-10)
+    not_w0 = (~w0.to(tl.int32, bitcast=True)).to(tl.uint32, bitcast=True)
+    complement = tl.where(low_half, 0.25, (not_w0.to(tl.float32) + 0.5) * 2.3283064365386963e-10)
     if USE_LIBDEVICE:
         e = tl.where(low_half, -libdevice.log(u), -libdevice.log1p(-complement))
         return -libdevice.log(e)
@@ -179,8 +188,9 @@ def _eft_sample_kernel(
                 x_t, bad_t = _load_logits(t_row + r * stride_tr, offs, V)
                 x_r, bad_r = _load_logits(r_row + r * stride_rr, offs, V)
                 beta = tl.load(weights_ptr + row * stride_wb + r)
-                masked = masked | (x_t == NEG_INF) | (x_r == NEG_INF)
-                c += beta * (x_t - x_r)
+                pair_masked = (x_t == NEG_INF) | (x_r == NEG_INF)
+                masked = masked | pair_masked
+                c += tl.where(pair_masked, 0.0, beta * (_unmask(x_t) - _unmask(x_r)))
                 bad = bad | bad_t | bad_r
             c = tl.where(masked, NEG_INF, c)
             m_r0, sum_r0 = _lse_update(m_r0, sum_r0, x_r0)
@@ -281,7 +291,8 @@ def _interpreting() -> bool:
 
 
 def eft_sample_triton(knowledge, tuned, reference, seeds, positions, reward_weights, temperature,
-                      weight_top_p, top_k, top_p, vocab_size: int, return_logprobs: bool):
+                      weight_top_p, top_k, top_p, vocab_size: int, return_logprobs: bool, *,
+                      block_size: int | None = None):
     """Fused EFT sampling in Triton, on canonical inputs (eft_fast._validation.EFTInputs).
 
     Args:
@@ -294,6 +305,8 @@ def eft_sample_triton(knowledge, tuned, reference, seeds, positions, reward_weig
         reward_weights: [B, R] float.
         temperature, weight_top_p, top_p: [B] float. top_k: [B] int64.
         vocab_size: V. return_logprobs: also return the rows of log softmax(z).
+        block_size: chunk width (a power of 2 >= 16); default min(next_pow2(V), 1024).
+            Tests set it small to cover rows that span several chunks.
     Returns:
         tokens [B] int64 (-1 on error rows), logprob [B] fp32 (NaN on error rows),
         row_logprobs [B, V] fp32 (an empty [0, V] tensor unless return_logprobs),
@@ -303,6 +316,10 @@ def eft_sample_triton(knowledge, tuned, reference, seeds, positions, reward_weig
     num_tuned, batch, _ = tuned.shape
     V = int(vocab_size)
     device = tuned.device
+    if knowledge is not None and reference is None:
+        raise ValueError("reference is required when knowledge is given (only draft mode may omit it)")
+    if reference is not None and reference.shape[0] not in (1, num_tuned):
+        raise ValueError(f"reference must have Rr in {{1, {num_tuned}}} models, got shape {tuple(reference.shape)}")
     for name, t in (("knowledge", knowledge), ("tuned", tuned), ("reference", reference)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name} must have last-dim stride 1, got strides {tuple(t.stride())}")
@@ -319,7 +336,9 @@ def eft_sample_triton(knowledge, tuned, reference, seeds, positions, reward_weig
     knowledge_arg = knowledge if has_knowledge else tuned
     reference_arg = reference if has_reference else tuned
     stride_rr = reference.stride(0) if has_reference and reference.shape[0] > 1 else 0
-    block = max(16, min(triton.next_power_of_2(V), _MAX_BLOCK))
+    block = block_size or max(16, min(triton.next_power_of_2(V), _MAX_BLOCK))
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block_size must be a power of 2 >= 16, got {block}")
     interpreting = _interpreting()
 
     def launch():

@@ -78,26 +78,34 @@ def test_words_are_uint32_range(rng):
 # Bit-equality with Triton's tl.philox (interpreter)
 # ---------------------------------------------------------------------------------------------
 
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the Triton checks are skipped; everything else still runs
+    triton = None
+
+needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
 
 
-@triton.jit
-def _philox_words_kernel(seed_ptr, pos_ptr, out_ptr, V, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    seed = tl.load(seed_ptr + row)  # int64
-    pos = tl.load(pos_ptr + row).to(tl.uint32)
-    for start in range(0, V, BLOCK):
-        j = start + tl.arange(0, BLOCK)
-        mask = j < V
-        c0 = j.to(tl.uint32)
-        zero = tl.zeros_like(c0)
-        w0, w1, w2, w3 = tl.philox(seed, c0, pos + zero, zero, zero)
-        base = out_ptr + row * 4 * V
-        tl.store(base + j, w0.to(tl.int64), mask=mask)
-        tl.store(base + V + j, w1.to(tl.int64), mask=mask)
-        tl.store(base + 2 * V + j, w2.to(tl.int64), mask=mask)
-        tl.store(base + 3 * V + j, w3.to(tl.int64), mask=mask)
+if triton is not None:
+
+    @triton.jit
+    def _philox_words_kernel(seed_ptr, pos_ptr, out_ptr, V, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        seed = tl.load(seed_ptr + row)  # int64
+        pos = tl.load(pos_ptr + row).to(tl.uint32)
+        for start in range(0, V, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            mask = j < V
+            c0 = j.to(tl.uint32)
+            zero = tl.zeros_like(c0)
+            w0, w1, w2, w3 = tl.philox(seed, c0, pos + zero, zero, zero)
+            base = out_ptr + row * 4 * V
+            tl.store(base + j, w0.to(tl.int64), mask=mask)
+            tl.store(base + V + j, w1.to(tl.int64), mask=mask)
+            tl.store(base + 2 * V + j, w2.to(tl.int64), mask=mask)
+            tl.store(base + 3 * V + j, w3.to(tl.int64), mask=mask)
+
 
 
 def triton_words(seeds: torch.Tensor, positions: torch.Tensor, V: int) -> torch.Tensor:
@@ -116,6 +124,7 @@ SPECIAL_SEEDS = [0, 1, 2, 2**32 - 1, 2**32, 2**40 + 7, -1, -2, -(2**40) - 3, -(2
 SPECIAL_POSITIONS = [0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]
 
 
+@needs_triton
 @pytest.mark.parametrize("V", [1, 37, 70])
 def test_matches_triton_philox_special(V):
     seeds = torch.tensor([s for s in SPECIAL_SEEDS for _ in SPECIAL_POSITIONS], dtype=torch.int64)
@@ -128,6 +137,7 @@ def test_matches_triton_philox_special(V):
         "differ from tl.philox")
 
 
+@needs_triton
 def test_matches_triton_philox_random(rng):
     n = 24
     seeds = torch.randint(-2**63, 2**63 - 1, (n,), generator=rng, dtype=torch.int64)

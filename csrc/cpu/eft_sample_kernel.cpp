@@ -1,0 +1,478 @@
+// CPU kernel of eft_fast::eft_sample (DESIGN.md sections 2-3).
+//
+// This file is compiled once per instruction set (see CMakeLists.txt): EFT_CPU_NS names the
+// namespace of each copy and CPU_CAPABILITY_* selects at::vec's vector width.
+// csrc/cpu/eft_sample.cpp checks the inputs and picks the copy the processor supports.
+//
+// Per row, a fixed number of passes over the vocabulary, each over fp32 scratch that stays
+// in cache:
+//   1. read the logits once: online log-sum-exp of x_K, x_R0 and the unnormalised small
+//      policy c, and keep c and d = x_K - x_R0 in scratch;
+//   2. (weight_top_p < 1) the top-p truncation threshold of exp(s), by radix select over
+//      order-preserving keys (no sort);
+//   3. z = s + [s in S] (d - lse_K + lse_R0) and its log-sum-exp;
+//   4. (top_k / top_p) thresholds on z, again by radix select;
+//   5. Gumbel-max over the allowed tokens; tokens that cannot win skip the Philox call.
+// The vocabulary is cut into fixed chunks whose partial results are merged in chunk order,
+// so the result does not depend on the thread count. Rows run in parallel; when there are
+// fewer rows than threads, the chunks of one row run in parallel instead.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "../eft_math.h"
+#include "eft_sample_cpu.h"
+
+namespace eft_fast {
+namespace EFT_CPU_NS {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kChunk = 8192;  // vocabulary chunk: the unit of parallel work and of merging
+
+// Radix select digits over the 32-bit keys: 11 + 11 + 10 bits.
+constexpr int kDigitBits[3] = {11, 11, 10};
+constexpr int kDigitShift[3] = {21, 10, 0};
+constexpr int kMaxBuckets = 2048;
+
+// Gumbel noise of tokens [first, first + n), n <= kNoiseBlock: the Philox words come from
+// the shared header (the loop vectorises), the logarithms from at::vec.
+constexpr int kNoiseBlock = 64;
+
+void gumbel_block(uint64_t seed, uint32_t position, int64_t first, int n, float* noise) {
+  constexpr float kTwoPowMinus32 = 2.3283064365386963e-10f;
+  alignas(64) uint32_t words[kNoiseBlock];
+  alignas(64) float u[kNoiseBlock], one_minus_u[kNoiseBlock], log_u[kNoiseBlock], log_1mu[kNoiseBlock];
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    const uint32_t w = philox4x32_10(seed, static_cast<uint32_t>(first + i), position, 0u, 0u).w0;
+    words[i] = w;
+    // Same operations as exponential_from_word in eft_math.h, both branches.
+    u[i] = (static_cast<float>(w) + 0.5f) * kTwoPowMinus32;
+    one_minus_u[i] = -(static_cast<float>(~w) + 0.5f) * kTwoPowMinus32;
+  }
+  at::vec::map([](Vec x) { return x.log(); }, log_u, u, n);
+  at::vec::map([](Vec x) { return x.log1p(); }, log_1mu, one_minus_u, n);
+  for (int i = 0; i < n; ++i) u[i] = -(words[i] < 0x80000000u ? log_u[i] : log_1mu[i]);  // E
+  at::vec::map([](Vec e) { return e.log().neg(); }, noise, u, n);
+}
+
+template <typename F>
+void for_each_chunk(int64_t num_chunks, bool parallel, const F& fn) {
+  if (parallel && num_chunks > 1) {
+    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) fn(i);
+    });
+  } else {
+    for (int64_t i = 0; i < num_chunks; ++i) fn(i);
+  }
+}
+
+// The row segment as fp32: the input itself for float, else converted into buf.
+inline const float* to_float(const float* src, float* /*buf*/, int64_t /*n*/) { return src; }
+template <typename T>
+const float* to_float(const T* src, float* buf, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(src[j]);
+  return buf;
+}
+
+OnlineLse chunk_lse(const float* x, int64_t n) {
+  OnlineLse out;
+  const float mx = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
+  if (mx == -INFINITY) return out;
+  out.max = mx;
+  out.sum = at::vec::map_reduce_all<float>([mx](Vec v) { return (v - Vec(mx)).exp(); },
+                                           [](Vec a, Vec b) { return a + b; }, x, n);
+  return out;
+}
+
+struct Best {
+  float value = -INFINITY;
+  int64_t token = -1;
+};
+
+// Folds v[0, n) (token ids offset + i) into best: the largest finite value, lowest index on ties.
+void first_argmax(const float* v, int64_t n, int64_t offset, Best* best) {
+  const float mx = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v, n);
+  if (mx == -INFINITY || (best->token >= 0 && !(mx > best->value))) return;
+  int64_t i = 0;
+  while (v[i] != mx) ++i;
+  best->value = mx;
+  best->token = offset + i;
+}
+
+// Pointers and strides of one row's inputs, read as T (float, BFloat16 or Half).
+template <typename T>
+struct RowInputs {
+  const T* knowledge;  // nullptr in draft mode
+  const T* tuned;      // tuned model r at tuned + r * tuned_model_stride
+  int64_t tuned_model_stride;
+  const T* reference;  // nullptr in draft mode without reference
+  int64_t reference_model_stride;  // 0 when the reference is shared
+  const float* beta;   // [R]
+  int num_tuned;
+};
+
+struct RowResult {
+  int64_t token = -1;
+  float logprob = NAN;
+  int32_t status = kRowOk;
+};
+
+// Weighted radix select: the largest key k with sum_{key_j >= k} w_j >= target, over the
+// items whose key is >= floor_key. Returns 0 when the total weight is below the target.
+class RadixSelect {
+ public:
+  explicit RadixSelect(int64_t vocab) : vocab_(vocab) {
+    num_chunks_ = (vocab + kChunk - 1) / kChunk;
+    hist_.resize(num_chunks_ * kMaxBuckets);
+    candidates_.resize(num_chunks_);
+  }
+
+  // keys[j], weights[j] for j < vocab (weights may be nullptr: every weight is 1).
+  uint32_t select(const uint32_t* keys, const float* weights, float target, uint32_t floor_key,
+                  bool parallel) {
+    // Level 0 over the whole row, into per-chunk histograms merged in chunk order.
+    const int bits0 = kDigitBits[0], shift0 = kDigitShift[0];
+    for_each_chunk(num_chunks_, parallel, [&](int64_t c) {
+      float* h = &hist_[c * kMaxBuckets];
+      std::fill(h, h + (1 << bits0), 0.0f);
+      const int64_t begin = c * kChunk, end = std::min(vocab_, begin + kChunk);
+      for (int64_t j = begin; j < end; ++j) {
+        if (keys[j] < floor_key) continue;
+        h[keys[j] >> shift0] += weights ? weights[j] : 1.0f;
+      }
+    });
+    std::array<float, kMaxBuckets> merged{};
+    for (int64_t c = 0; c < num_chunks_; ++c) {
+      const float* h = &hist_[c * kMaxBuckets];
+      for (int b = 0; b < (1 << bits0); ++b) merged[b] += h[b];
+    }
+    int bucket = 0;
+    if (!scan(merged.data(), 1 << bits0, &target, &bucket)) return 0;
+    uint32_t prefix = static_cast<uint32_t>(bucket) << shift0;
+
+    // The remaining levels only look at the items of the chosen bucket.
+    for_each_chunk(num_chunks_, parallel, [&](int64_t c) {
+      auto& cand = candidates_[c];
+      cand.clear();
+      const int64_t begin = c * kChunk, end = std::min(vocab_, begin + kChunk);
+      for (int64_t j = begin; j < end; ++j) {
+        if (keys[j] >= floor_key && (keys[j] >> shift0) == static_cast<uint32_t>(bucket)) {
+          cand.push_back(j);
+        }
+      }
+    });
+    for (int level = 1; level < 3; ++level) {
+      const int bits = kDigitBits[level], shift = kDigitShift[level];
+      const uint32_t high_mask = ~((uint32_t{1} << (shift + bits)) - 1u);
+      std::fill(merged.begin(), merged.begin() + (1 << bits), 0.0f);
+      for (const auto& cand : candidates_) {
+        for (const int64_t j : cand) {
+          if ((keys[j] & high_mask) != prefix) continue;
+          merged[(keys[j] >> shift) & ((1u << bits) - 1u)] += weights ? weights[j] : 1.0f;
+        }
+      }
+      if (!scan(merged.data(), 1 << bits, &target, &bucket)) {
+        // Rounding left the bucket short of the target: keep all of it.
+        return prefix;
+      }
+      prefix |= static_cast<uint32_t>(bucket) << shift;
+    }
+    return prefix;
+  }
+
+ private:
+  // Finds the highest bucket where the mass from the top reaches *target; updates *target
+  // to what the chosen bucket must still supply.
+  static bool scan(const float* hist, int num_buckets, float* target, int* bucket) {
+    float above = 0.0f;
+    for (int b = num_buckets - 1; b >= 0; --b) {
+      if (above + hist[b] >= *target) {
+        *target -= above;
+        *bucket = b;
+        return true;
+      }
+      above += hist[b];
+    }
+    return false;
+  }
+
+  int64_t vocab_;
+  int64_t num_chunks_;
+  std::vector<float> hist_;
+  std::vector<std::vector<int64_t>> candidates_;
+};
+
+struct Scratch {
+  std::vector<float> c;   // c, then s's successor z
+  std::vector<float> d;   // x_K - x_R0
+  std::vector<float> w;   // weights for radix select
+  std::vector<uint32_t> key;
+  RadixSelect radix;
+  explicit Scratch(int64_t vocab) : c(vocab), d(vocab), w(vocab), key(vocab), radix(vocab) {}
+};
+
+struct RowParams {
+  uint64_t seed;
+  uint32_t position;
+  float temperature, weight_top_p, top_p;
+  int64_t top_k;
+};
+
+template <typename T>
+RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, bool parallel,
+                     Scratch& scratch, float* row_logprobs) {
+  RowResult result;
+  const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
+  float* c = scratch.c.data();
+  float* d = scratch.d.data();
+  const bool has_knowledge = in.knowledge != nullptr;
+
+  // Pass 1: logits -> c, d and the three log-sum-exps. Written as simple loops over fp32
+  // arrays so that they vectorise.
+  struct Pass1 { OnlineLse k, r0, c; bool bad = false; };
+  std::vector<Pass1> part1(num_chunks);
+  for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, n = std::min(vocab, begin + kChunk) - begin;
+    Pass1& out = part1[chunk];
+    alignas(64) float tuned_buf[kChunk], ref_buf[kChunk];
+    // int32, not bool: a bool array may alias the float arrays and blocks vectorisation.
+    alignas(64) int32_t masked[kChunk];
+    float* cc = c + begin;
+    bool bad = false;
+    // x_R0 is staged in w (free until pass 2): pass 1 reads it twice.
+    const float* ref0 = in.reference ? to_float(in.reference + begin, scratch.w.data() + begin, n) : nullptr;
+    for (int64_t j = 0; j < n; ++j) {
+      const float x = ref0 ? ref0[j] : 0.0f;
+      bad |= is_bad_logit(x);
+      bool m;
+      cc[j] = start_small_policy(x, &m);
+      masked[j] = m;
+    }
+    for (int r = 0; r < in.num_tuned; ++r) {
+      const float* t = to_float(in.tuned + r * in.tuned_model_stride + begin, tuned_buf, n);
+      const float beta = in.beta[r];
+      if (!in.reference) {
+        for (int64_t j = 0; j < n; ++j) {
+          bad |= is_bad_logit(t[j]);
+          bool m = masked[j];
+          cc[j] = add_reward_term(cc[j], &m, beta, t[j], 0.0f);
+          masked[j] = m;
+        }
+        continue;
+      }
+      const float* rr = in.reference_model_stride == 0
+          ? ref0 : to_float(in.reference + r * in.reference_model_stride + begin, ref_buf, n);
+      for (int64_t j = 0; j < n; ++j) {
+        bad |= is_bad_logit(t[j]) | is_bad_logit(rr[j]);
+        bool m = masked[j];
+        cc[j] = add_reward_term(cc[j], &m, beta, t[j], rr[j]);
+        masked[j] = m;
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) cc[j] = finish_small_policy(cc[j], masked[j]);
+    out.bad = bad;
+    if (bad) return;
+    out.c = chunk_lse(cc, n);
+    if (has_knowledge) {
+      float* dd = d + begin;
+      const float* k = to_float(in.knowledge + begin, dd, n);
+      for (int64_t j = 0; j < n; ++j) {
+        dd[j] = k[j];
+        bad |= is_bad_logit(k[j]);
+      }
+      out.bad = bad;
+      if (bad) return;
+      out.k = chunk_lse(dd, n);
+      out.r0 = chunk_lse(ref0, n);
+      // d is only read where s is finite, i.e. where x_R0 is finite.
+      for (int64_t j = 0; j < n; ++j) dd[j] -= ref0[j];
+    }
+  });
+  OnlineLse lse_k, lse_r0, lse_c;
+  for (const auto& part : part1) {
+    if (part.bad) { result.status = kRowNaN; return result; }
+    lse_k.merge(part.k);
+    lse_r0.merge(part.r0);
+    lse_c.merge(part.c);
+  }
+  const float log_z_c = lse_c.value();
+  if (log_z_c == -INFINITY) { result.status = kRowNoToken; return result; }
+
+  RadixSelect& radix = scratch.radix;
+  uint32_t* key = scratch.key.data();
+  float* w = scratch.w.data();
+
+  // Pass 2: the truncation set S = {key(s_j) >= s_key} at mass weight_top_p.
+  uint32_t s_key = 0;
+  if (has_knowledge && p.weight_top_p < 1.0f) {
+    for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+      const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
+      for (int64_t j = begin; j < end; ++j) {
+        const float s = c[j] - log_z_c;
+        key[j] = order_key(s);
+        w[j] = s;
+      }
+      at::vec::map([](Vec v) { return v.exp(); }, w + begin, w + begin, end - begin);
+    });
+    s_key = radix.select(key, w, p.weight_top_p, 0u, parallel);
+  }
+  const float s_threshold = threshold_from_key(s_key);
+
+  // Pass 3: z and its log-sum-exp (z overwrites c).
+  const float weight_shift = lse_r0.value() - lse_k.value();
+  std::vector<OnlineLse> part3(num_chunks);
+  for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
+    if (has_knowledge) {
+      for (int64_t j = begin; j < end; ++j) {
+        const float s = c[j] - log_z_c;  // -inf stays -inf
+        c[j] = eft_score(s, s >= s_threshold, d[j], weight_shift);
+      }
+    } else {
+      for (int64_t j = begin; j < end; ++j) c[j] -= log_z_c;
+    }
+    part3[chunk] = chunk_lse(c + begin, end - begin);
+  });
+  OnlineLse lse_z;
+  for (const auto& part : part3) lse_z.merge(part);
+  const float log_z_z = lse_z.value();
+  const float* z = c;
+  if (row_logprobs != nullptr) {
+    for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+      const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
+      for (int64_t j = begin; j < end; ++j) row_logprobs[j] = z[j] - log_z_z;
+    });
+  }
+  if (log_z_z == -INFINITY) { result.status = kRowNoToken; return result; }
+
+  const bool greedy = p.temperature == 0.0f;
+  const bool top_k_on = !greedy && p.top_k > 0 && p.top_k < vocab;
+  const bool top_p_on = !greedy && p.top_p < 1.0f;
+
+  // Filters: allowed = {key(z_j) >= allowed_key}; key(-inf) is below every finite key.
+  uint32_t allowed_key = order_key(-INFINITY) + 1u;
+  if (top_k_on || top_p_on) {
+    for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+      const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
+      for (int64_t j = begin; j < end; ++j) key[j] = order_key(z[j]);
+    });
+  }
+  if (top_k_on) {
+    allowed_key = std::max(allowed_key, radix.select(key, nullptr, static_cast<float>(p.top_k), 0u, parallel));
+  }
+  if (top_p_on) {
+    const float z_max = lse_z.max;
+    const float inv_t = 1.0f / p.temperature;
+    std::vector<float> part_mass(num_chunks);
+    for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+      const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
+      for (int64_t j = begin; j < end; ++j) w[j] = key[j] >= allowed_key ? (z[j] - z_max) * inv_t : -INFINITY;
+      at::vec::map([](Vec x) { return x.exp(); }, w + begin, w + begin, end - begin);
+      part_mass[chunk] = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, w + begin, end - begin);
+    });
+    float total = 0.0f;
+    for (const float m : part_mass) total += m;
+    allowed_key = std::max(allowed_key, radix.select(key, w, p.top_p * total, allowed_key, parallel));
+  }
+
+  // Pass 5: Gumbel-max (or argmax) over the allowed tokens; ties go to the lowest index.
+  const float allowed_threshold = threshold_from_key(allowed_key);
+  std::vector<Best> part5(num_chunks);
+  for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
+    Best best;
+    if (greedy) {
+      first_argmax(z + begin, end - begin, begin, &best);
+    } else {
+      alignas(64) float value[kNoiseBlock];
+      const float temperature = p.temperature;
+      for (int64_t first = begin; first < end; first += kNoiseBlock) {
+        const int n = static_cast<int>(std::min<int64_t>(kNoiseBlock, end - first));
+        const float* zb = z + first;
+        float block_max = -INFINITY;
+        for (int i = 0; i < n; ++i) block_max = std::max(block_max, zb[i] >= allowed_threshold ? zb[i] : -INFINITY);
+        // Gumbel noise is below kGumbelMax: a block that cannot reach the best value is
+        // skipped without computing its noise (exact: division and addition are monotone).
+        if (block_max == -INFINITY || block_max / temperature + kGumbelMax < best.value) continue;
+        gumbel_block(p.seed, p.position, first, n, value);
+        for (int i = 0; i < n; ++i) value[i] = zb[i] >= allowed_threshold ? zb[i] / temperature + value[i] : -INFINITY;
+        first_argmax(value, n, first, &best);
+      }
+    }
+    part5[chunk] = best;
+  });
+  Best best;
+  for (const auto& part : part5) {
+    if (part.token >= 0 && (best.token < 0 || part.value > best.value)) best = part;
+  }
+  if (best.token < 0) { result.status = kRowNoToken; return result; }
+  result.token = best.token;
+  result.logprob = z[best.token] - log_z_z;
+  return result;
+}
+
+}  // namespace
+
+void eft_sample_kernel(const EftSampleCpuArgs& a) {
+  const auto& knowledge = a.knowledge;
+  const auto& reference = a.reference;
+  const at::Tensor& tuned = a.tuned;
+  const int64_t vocab_size = a.vocab_size;
+  const bool return_logprobs = a.row_logprobs.size(0) > 0;
+  at::Tensor tokens = a.tokens, logprob = a.logprob, row_logprobs = a.row_logprobs, status = a.status;
+  const int64_t batch = tokens.size(0);
+  const int num_tuned = static_cast<int>(tuned.size(0));
+  const auto dtype = tuned.scalar_type();
+  const at::Tensor &seeds_c = a.seeds, &positions_c = a.positions, &weights_c = a.reward_weights;
+  const at::Tensor &temp_c = a.temperature, &wtp_c = a.weight_top_p, &top_k_c = a.top_k, &top_p_c = a.top_p;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "eft_sample_cpu", [&] {
+    auto make_row = [&](int64_t b) {
+      RowInputs<scalar_t> in;
+      in.knowledge = knowledge ? knowledge->const_data_ptr<scalar_t>() + b * knowledge->stride(0) : nullptr;
+      in.tuned = tuned.const_data_ptr<scalar_t>() + b * tuned.stride(1);
+      in.tuned_model_stride = tuned.stride(0);
+      in.reference = reference ? reference->const_data_ptr<scalar_t>() + b * reference->stride(1) : nullptr;
+      in.reference_model_stride = reference && reference->size(0) > 1 ? reference->stride(0) : 0;
+      in.beta = weights_c.const_data_ptr<float>() + b * num_tuned;
+      in.num_tuned = num_tuned;
+      RowParams p;
+      p.seed = static_cast<uint64_t>(seeds_c.const_data_ptr<int64_t>()[b]);
+      p.position = static_cast<uint32_t>(positions_c.const_data_ptr<int64_t>()[b]);
+      p.temperature = temp_c.const_data_ptr<float>()[b];
+      p.weight_top_p = wtp_c.const_data_ptr<float>()[b];
+      p.top_k = top_k_c.const_data_ptr<int64_t>()[b];
+      p.top_p = top_p_c.const_data_ptr<float>()[b];
+      return std::make_pair(in, p);
+    };
+    auto run_row = [&](int64_t b, bool parallel, Scratch& scratch) {
+      auto [in, p] = make_row(b);
+      float* rows = return_logprobs ? row_logprobs.data_ptr<float>() + b * vocab_size : nullptr;
+      const RowResult r = sample_row(in, p, vocab_size, parallel, scratch, rows);
+      tokens.data_ptr<int64_t>()[b] = r.token;
+      logprob.data_ptr<float>()[b] = r.logprob;
+      status.data_ptr<int32_t>()[b] = r.status;
+    };
+    const int64_t threads = at::get_num_threads();
+    if (batch >= threads || vocab_size <= kChunk) {
+      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        Scratch scratch(vocab_size);
+        for (int64_t b = begin; b < end; ++b) run_row(b, /*parallel=*/false, scratch);
+      });
+    } else {
+      Scratch scratch(vocab_size);
+      for (int64_t b = 0; b < batch; ++b) run_row(b, /*parallel=*/true, scratch);
+    }
+  });
+}
+
+}  // namespace EFT_CPU_NS
+}  // namespace eft_fast
