@@ -131,7 +131,7 @@ def _install_requires():
 
 
 setup(
-    packages=["eft_fast", "eft_fast.kernels"],
+    packages=["eft_fast", "eft_fast.bench", "eft_fast.kernels"],
     package_dir={"eft_fast": "eft_fast", "eft_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("eft_fast._C"), CMakeExtension("eft_fast._build_info")],
     cmdclass={"build_ext": CMakeBuild},

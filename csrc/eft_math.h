@@ -61,14 +61,37 @@ EFT_UNROLL
   return {c0, c1, c2, c3};
 }
 
-// Exponential variate E = -log(u), u = (w + 0.5) * 2^-32, without cancellation near u = 1.
-EFT_HD float exponential_from_word(uint32_t w) {
+// log1p(x) for x in (-1, 0] from one logf: with y = 1 + x rounded, log(y) * x / (y - 1)
+// corrects the rounding of y (Goldberg 1991), and y == 1 means |x| < 2^-24 where
+// log1p(x) = x to float precision. Used instead of log1pf so that the vectorised CPU
+// path computes E with a single logarithm per token, exactly as the CUDA path does.
+EFT_HD float log1p_from_log(float x, float log_y, float y) {
+  return y == 1.0f ? x : log_y * (x / (y - 1.0f));
+}
+
+// Exponential variate E = -log(u), u = (w + 0.5) * 2^-32, without cancellation near u = 1:
+// for u > 1/2, E = -log1p(-(1 - u)) with 1 - u = (~w + 0.5) * 2^-32 exact in float.
+// The logarithm's argument is split out (exponential_log_argument) so vector code can
+// take one vector log of it.
+struct ExponentialArgs {
+  float log_arg;   // take logf of this
+  float x;         // -(1 - u) when w is high (log1p branch)
+  bool high;       // w >= 2^31: u > 1/2
+};
+EFT_HD ExponentialArgs exponential_log_argument(uint32_t w) {
   constexpr float kTwoPowMinus32 = 2.3283064365386963e-10f;
-  if (w < 0x80000000u) {
-    return -logf((static_cast<float>(w) + 0.5f) * kTwoPowMinus32);
-  }
-  // u > 1/2: 1 - u = (~w + 0.5) * 2^-32 is small and exact in float.
-  return -log1pf(-(static_cast<float>(~w) + 0.5f) * kTwoPowMinus32);
+  ExponentialArgs a;
+  a.high = w >= 0x80000000u;
+  a.x = -(static_cast<float>(~w) + 0.5f) * kTwoPowMinus32;
+  a.log_arg = a.high ? 1.0f + a.x : (static_cast<float>(w) + 0.5f) * kTwoPowMinus32;
+  return a;
+}
+EFT_HD float exponential_from_log(const ExponentialArgs& a, float log_of_arg) {
+  return a.high ? -log1p_from_log(a.x, log_of_arg, a.log_arg) : -log_of_arg;
+}
+EFT_HD float exponential_from_word(uint32_t w) {
+  const ExponentialArgs a = exponential_log_argument(w);
+  return exponential_from_log(a, logf(a.log_arg));
 }
 
 // Gumbel noise of token j at sequence position `position` for a request's `seed`.

@@ -43,6 +43,9 @@ def build_info() -> dict:
         from . import _C  # noqa: F401  (registers torch.ops.eft_fast.*)
     except ImportError as e:
         raise ExtensionUnavailable(f"eft_fast._C failed to load: {e}") from e
+    from ._fake import register_fake_impls
+
+    register_fake_impls()
     return info
 
 

@@ -22,13 +22,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-_TWO_POW_MINUS_32 = 2.3283064365386963e-10
+_TWO_POW_MINUS_32 = tl.constexpr(2.3283064365386963e-10)
 _MAX_BLOCK = 1024
-
-# Threshold modes of _threshold_key.
-_MODE_WEIGHT_SET = 0  # mass of exp(s), s = c - lse_c
-_MODE_TOP_K = 1  # count of tokens
-_MODE_TOP_P = 2  # mass of exp((z - zmax) / T) inside the top-k set
 
 
 @triton.jit
@@ -96,10 +91,10 @@ def _gumbel_noise(seed, offs, position, USE_LIBDEVICE: tl.constexpr):
     zero = token * 0
     w0, _, _, _ = tl.philox(seed, token, zero + position.to(tl.uint32), zero, zero)
     low_half = (w0 >> 31) == 0
-    u = (w0.to(tl.float32) + 0.5) * 2.3283064365386963e-10
+    u = (w0.to(tl.float32) + 0.5) * _TWO_POW_MINUS_32
     # For u > 1/2, 1 - u = (~w0 + 0.5) 2^-32 is exact; log1p(-(1 - u)) avoids cancellation.
     not_w0 = (~w0.to(tl.int32, bitcast=True)).to(tl.uint32, bitcast=True)
-    complement = tl.where(low_half, 0.25, (not_w0.to(tl.float32) + 0.5) * 2.3283064365386963e-10)
+    complement = tl.where(low_half, 0.25, (not_w0.to(tl.float32) + 0.5) * _TWO_POW_MINUS_32)
     if USE_LIBDEVICE:
         e = tl.where(low_half, -libdevice.log(u), -libdevice.log1p(-complement))
         return -libdevice.log(e)
@@ -123,7 +118,7 @@ def _threshold_key(work_row, V, target, frac, lse_or_max, temperature, floor_key
     MODE 2: key of z, weight exp((z - zmax) / T) (lse_or_max = zmax) for key >= floor_key.
     """
     digits = tl.arange(0, 16).to(tl.int64)
-    prefix = tl.sum(digits * 0, axis=0)
+    prefix = tl.full((), 0, tl.int64)
     for i in tl.static_range(8):
         candidates = prefix + (digits << (28 - 4 * i))  # [16]
         mass = tl.zeros([16], dtype=tl.float32)
@@ -133,13 +128,14 @@ def _threshold_key(work_row, V, target, frac, lse_or_max, temperature, floor_key
             v = tl.load(work_row + offs, mask=in_row, other=float("-inf"))
             if MODE == 0:
                 v = _small_policy(v, lse_or_max)
+            keys = _order_key(v)
+            if MODE == 0:
                 weight = tl.exp(v)
             elif MODE == 1:
                 weight = tl.where(in_row, 1.0, 0.0)
             else:
                 shifted = tl.where(v == float("-inf"), float("-inf"), (v - lse_or_max) / temperature)
-                weight = tl.where(_order_key(v) >= floor_key, tl.exp(shifted), 0.0)
-            keys = _order_key(v)
+                weight = tl.where(keys >= floor_key, tl.exp(shifted), 0.0)
             hit = keys[:, None] >= candidates[None, :]  # [BLOCK, 16]
             mass += tl.sum(tl.where(hit, weight[:, None], 0.0), axis=0)
         if i == 0:
@@ -214,7 +210,7 @@ def _eft_sample_kernel(
     top_p = tl.load(top_p_ptr + row)
 
     # Pass 2: S = {j : key(s_j) >= weight_key}; key 0 takes every token.
-    weight_key = tl.sum(tl.zeros([1], tl.int64), axis=0)
+    weight_key = tl.full((), 0, tl.int64)
     if HAS_KNOWLEDGE:
         if weight_top_p < 1.0:
             weight_key = _threshold_key(work_row, V, weight_top_p, 0.0, lse_c, 1.0, 0,
@@ -231,10 +227,9 @@ def _eft_sample_kernel(
             x_k, _ = _load_logits(k_row, offs, V)
             x_r0, _ = _load_logits(r_row, offs, V)
             z = _eft_score(s, _order_key(s) >= weight_key, x_k, lse_k, x_r0, lse_r0)
-            tl.store(work_row + offs, z, mask=in_row)
         else:
             z = s  # draft mode samples from s
-            tl.store(work_row + offs, z, mask=in_row)
+        tl.store(work_row + offs, z, mask=in_row)
         m_z, sum_z = _lse_update(m_z, sum_z, z)
     lse_z = _lse_value(m_z, sum_z)
     lse_z_safe = tl.where(lse_z == NEG_INF, 0.0, lse_z)
@@ -243,8 +238,8 @@ def _eft_sample_kernel(
     # Pass 4: final filters on z (sampling rows only; greedy ignores them).
     greedy = temperature == 0.0
     safe_temperature = tl.where(greedy, 1.0, temperature)
-    top_k_key = tl.sum(tl.zeros([1], tl.int64), axis=0)
-    top_p_key = tl.sum(tl.zeros([1], tl.int64), axis=0)
+    top_k_key = tl.full((), 0, tl.int64)
+    top_p_key = tl.full((), 0, tl.int64)
     if temperature > 0.0:
         if top_k > 0:
             top_k_key = _threshold_key(work_row, V, top_k.to(tl.float32), 0.0, m_z, 1.0, 0,

@@ -1,6 +1,7 @@
-// CUDA implementation of eft_fast::eft_sample (DESIGN.md sections 2-3), the twin of
-// csrc/cpu/eft_sample.cpp: the same op signature and input checks, the same passes and
-// thresholds, and the per-element math of csrc/eft_math.h.
+// CUDA implementation of eft_fast::eft_sample (DESIGN.md sections 2-3), the twin of the CPU
+// op (binding csrc/cpu/eft_sample.cpp, kernel csrc/cpu/eft_sample_kernel.cpp): the same op
+// signature and input checks (csrc/op_checks.h), the same passes and thresholds, and the
+// per-element math of csrc/eft_math.h.
 //
 // One CTA of kThreads threads per row, looping over the vocabulary, in five passes:
 //   1. read the logits once (16-byte loads where a row is aligned): online log-sum-exp of
@@ -554,8 +555,8 @@ __global__ void __launch_bounds__(kThreads) eft_sample_kernel(const EftArgs<T> a
     return;
   }
 
-  // Pass 4: filters. allowed = {order_key(z_j) >= allowed_key}; order_key(-inf) is below
-  // every finite key.
+  // Pass 4: filters, as keys: allowed = {z_j >= threshold_from_key(allowed_key)}; the
+  // initial key, just above order_key(-inf), allows every finite z.
   const bool greedy = temperature == 0.0f;
   const bool top_k_on = !greedy && top_k > 0 && top_k < vocab;
   const bool top_p_on = !greedy && top_p < 1.0f;

@@ -1,0 +1,172 @@
+"""The cpu backend (C++ kernel) against the fp64 reference, on fresh random inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from eft_fast import _extension, eft_sample
+from eft_fast._validation import normalize_inputs
+from eft_fast.ops import run_backend
+from eft_fast.reference import eft_sample_reference
+
+from backend_compare import assert_backend_matches
+from random_inputs import random_inputs
+
+pytestmark = pytest.mark.skipif(not _extension.has_backend("cpu"), reason="native extension not built")
+
+VOCABS = [(1, None), (7, None), (1000, None), (32000, None), (50257, (50304, 50257, 50280))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("vocab,widths", VOCABS, ids=[str(v) for v, _ in VOCABS])
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_grid_matches_reference(rng, batch, vocab, widths, dtype):
+    # Every setting is per row, so one batch mixes temperatures, weight_top_p, top_k and top_p.
+    repeats = 4 if batch < 64 else 1
+    ties = 0
+    for i in range(repeats):
+        inputs = random_inputs(rng, batch=batch, vocab=vocab, dtype=dtype, widths=widths,
+                               num_tuned=1 + i % 2, per_model_reference=i % 4 == 3)
+        ties += assert_backend_matches(inputs, run_backend(inputs, "cpu", True), check_rows=True)
+    # bf16/fp16 logits sit on a coarse lattice, so thresholds land next to other values more often.
+    budget = batch * repeats // (10 if dtype == torch.float32 else 4) + 2
+    assert ties <= budget, f"{ties} near-tie rows: the tie detector is too loose"
+
+
+@pytest.mark.parametrize("draft_reference", [True, False])
+@pytest.mark.parametrize("vocab", [7, 1000, 32000])
+def test_draft_mode_matches_reference(rng, vocab, draft_reference):
+    inputs = random_inputs(rng, batch=16, vocab=vocab, draft=True, draft_reference=draft_reference)
+    assert_backend_matches(inputs, run_backend(inputs, "cpu", True), check_rows=True)
+
+
+@pytest.mark.parametrize("num_tuned,per_model", [(2, False), (2, True), (3, True)])
+def test_reward_interpolation_matches_reference(rng, num_tuned, per_model):
+    inputs = random_inputs(rng, batch=32, vocab=5000, num_tuned=num_tuned, per_model_reference=per_model)
+    assert_backend_matches(inputs, run_backend(inputs, "cpu", True), check_rows=True)
+
+
+def test_vocab_split_path_matches_row_path(rng):
+    # Fewer rows than threads splits each row's vocabulary across threads; the chunked merge
+    # must give the same tokens and (bit-identical) log-probs as one row at a time.
+    inputs = random_inputs(rng, batch=1, vocab=70001, filters=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = run_backend(inputs, "cpu", True)
+        torch.set_num_threads(1)
+        serial = run_backend(inputs, "cpu", True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(split, serial):
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()))
+
+
+def test_batch_invariance(rng):
+    inputs = random_inputs(rng, batch=8, vocab=3000)
+    base = run_backend(inputs, "cpu", False)
+    other = random_inputs(rng, batch=8, vocab=3000)
+    for t_new, t_old in ((other.tuned, inputs.tuned), (other.knowledge, inputs.knowledge),
+                         (other.reference, inputs.reference)):
+        t_new[..., 0, :] = t_old[..., 0, :]  # row 0 identical, other rows different
+    for name in ("seeds", "positions", "temperature", "weight_top_p", "top_k", "top_p", "reward_weights"):
+        getattr(other, name)[0] = getattr(inputs, name)[0]
+    mixed = run_backend(other, "cpu", False)
+    assert int(mixed[0][0]) == int(base[0][0])
+    assert float(mixed[1][0]) == float(base[1][0])
+
+
+def test_row_errors_do_not_disturb_other_rows(rng):
+    inputs = random_inputs(rng, batch=5, vocab=500, neg_inf_fraction=0.0)
+    inputs.tuned[0, 1, 17] = float("nan")
+    inputs.knowledge[3, 2] = float("inf")
+    inputs.tuned[0, 4, :] = float("-inf")
+    out = run_backend(inputs, "cpu", False)
+    assert out[3].tolist() == [0, 1, 0, 1, 2]
+    assert_backend_matches(inputs, run_backend(inputs, "cpu", True))
+
+
+def test_chi_square_sampling_follows_pi():
+    # Tokens over many seeds follow the filtered, tempered EFT distribution.
+    vocab, draws = 12, 40000
+    gen = torch.Generator().manual_seed(torch.seed() % 2**62)
+    logits = [torch.randn(1, vocab, generator=gen).expand(draws, vocab) * 2 for _ in range(3)]
+    seeds = torch.randint(0, 2**62, (draws,), generator=gen)
+    positions = torch.full((draws,), 7)
+    for top_k, top_p in ((0, 1.0), (6, 0.9)):
+        tokens, _ = eft_sample(*logits, seeds, positions, temperature=0.8, weight_top_p=0.9, top_k=top_k,
+                               top_p=top_p, backend="cpu")
+        inputs = normalize_inputs(*[x[:1] for x in logits], seeds[:1], positions[:1], temperature=0.8,
+                                  weight_top_p=0.9, top_k=top_k, top_p=top_p)
+        ref = eft_sample_reference(*inputs.as_args())
+        allowed = ref.allowed[0]
+        probs = torch.softmax(torch.where(allowed, ref.scores[0] / 0.8, torch.tensor(float("-inf"),
+                              dtype=torch.float64)), -1)
+        counts = torch.bincount(tokens, minlength=vocab).double()
+        assert counts[~allowed].sum() == 0, "a filtered-out token was sampled"
+        keep = allowed & (probs * draws > 5)
+        observed = counts[keep]
+        expected = probs[keep] * observed.sum() / probs[keep].sum()
+        assert stats.chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-4
+
+
+def test_seed_reproduces_and_positions_change_samples(rng):
+    inputs = random_inputs(rng, batch=64, vocab=2000, filters=False)
+    inputs.temperature.fill_(1.0)
+    a = run_backend(inputs, "cpu", False)[0]
+    b = run_backend(inputs, "cpu", False)[0]
+    assert torch.equal(a, b)
+    inputs.positions += 1
+    c = run_backend(inputs, "cpu", False)[0]
+    assert not torch.equal(a, c)
+
+
+def test_opcheck(rng):
+    inputs = random_inputs(rng, batch=3, vocab=769, num_tuned=2, per_model_reference=True)
+    for return_logprobs in (False, True):
+        torch.library.opcheck(torch.ops.eft_fast.eft_sample.default, (*inputs.as_args(), return_logprobs))
+    draft = random_inputs(rng, batch=5, vocab=5125, draft=True, draft_reference=False)
+    torch.library.opcheck(torch.ops.eft_fast.eft_sample.default, (*draft.as_args(), False))
+    torch.library.opcheck(torch.ops.eft_fast.gumbel_noise.default, (inputs.seeds, inputs.positions, 769))
+
+
+def test_torch_compile_fullgraph(rng):
+    inputs = random_inputs(rng, batch=4, vocab=1000)
+    compiled = torch.compile(lambda *args: torch.ops.eft_fast.eft_sample(*args), fullgraph=True)
+    got = compiled(*inputs.as_args(), False)
+    want = run_backend(inputs, "cpu", False)
+    assert torch.equal(got[0], want[0])
+
+
+def test_op_rejects_bad_direct_calls(rng):
+    inputs = random_inputs(rng, batch=3, vocab=100)
+    args = list(inputs.as_args())
+    bad_top_k = list(args)
+    bad_top_k[8] = inputs.top_k.to(torch.int32)
+    with pytest.raises(ValueError, match="top_k"):
+        torch.ops.eft_fast.eft_sample(*bad_top_k, False)
+    narrow = list(args)
+    narrow[10] = 101
+    with pytest.raises(ValueError, match="vocab_size"):
+        torch.ops.eft_fast.eft_sample(*narrow, False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 6), vocab=st.integers(1, 300), scale=st.floats(0.0, 60.0),
+       inf_frac=st.floats(0.0, 1.0), num_tuned=st.integers(1, 3), draft=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**62))
+def test_fuzz_no_crash_no_nan(batch, vocab, scale, inf_frac, num_tuned, draft, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    inputs = random_inputs(gen, batch=batch, vocab=vocab, dtype=dtype, num_tuned=num_tuned, draft=draft,
+                           per_model_reference=num_tuned > 1, neg_inf_fraction=inf_frac, scale=scale)
+    tokens, logprob, rows, status = run_backend(inputs, "cpu", True)
+    ok = status == 0
+    assert bool(((tokens >= 0) & (tokens < vocab))[ok].all())
+    assert not bool(torch.isnan(logprob[ok]).any())
+    assert not bool(torch.isnan(rows[ok]).any())
+    assert bool((status[~ok] == 2).all())  # no NaN inputs here: failures are "no allowed token"
+    ref = eft_sample_reference(*inputs.as_args())
+    assert torch.equal(status, ref.status)
