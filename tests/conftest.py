@@ -12,6 +12,11 @@ import secrets
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in its interpreter; it must be chosen before any kernel
+# is defined, so it is set here, before test modules import them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def rng(request) -> torch.Generator:
