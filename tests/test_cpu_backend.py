@@ -93,7 +93,7 @@ def test_chi_square_sampling_follows_pi():
     # Tokens over many seeds follow the filtered, tempered EFT distribution.
     vocab, draws = 12, 40000
     gen = torch.Generator().manual_seed(torch.seed() % 2**62)
-    logits = [torch.randn(1, vocab, generator=gen).expand(draws, vocab) * 2 for _ in range(3)]
+    logits = [torch.randn(1, vocab, generator=gen).expand(draws, vocab) for _ in range(3)]
     seeds = torch.randint(0, 2**62, (draws,), generator=gen)
     positions = torch.full((draws,), 7)
     for top_k, top_p in ((0, 1.0), (6, 0.9)):
@@ -108,6 +108,9 @@ def test_chi_square_sampling_follows_pi():
         counts = torch.bincount(tokens, minlength=vocab).double()
         assert counts[~allowed].sum() == 0, "a filtered-out token was sampled"
         keep = allowed & (probs * draws > 5)
+        if int(keep.sum()) < 2:  # the filters left one token: it must be every sample
+            assert counts[keep].sum() == draws
+            continue
         observed = counts[keep]
         expected = probs[keep] * observed.sum() / probs[keep].sum()
         assert stats.chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-4

@@ -7,7 +7,7 @@
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: no GPU here
+# TRITON_INTERPRET is set by tests/conftest.py when there is no GPU.
 
 import math
 
@@ -109,9 +109,12 @@ if triton is not None:
 
 
 def triton_words(seeds: torch.Tensor, positions: torch.Tensor, V: int) -> torch.Tensor:
-    out = torch.full((seeds.numel(), 4, V), -1, dtype=torch.int64)
-    _philox_words_kernel[(seeds.numel(),)](seeds.contiguous(), positions.contiguous(), out, V, BLOCK=32)
-    return out
+    # On a GPU the kernel runs there; without one, in the interpreter on CPU tensors.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.full((seeds.numel(), 4, V), -1, dtype=torch.int64, device=device)
+    _philox_words_kernel[(seeds.numel(),)](seeds.to(device).contiguous(), positions.to(device).contiguous(),
+                                           out, V, BLOCK=32)
+    return out.cpu()
 
 
 def torch_words(seeds: torch.Tensor, positions: torch.Tensor, V: int) -> torch.Tensor:

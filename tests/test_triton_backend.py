@@ -1,7 +1,7 @@
 """The Triton backend (kernels/eft_sample.py) against the fp64 reference, in the interpreter.
 
-Runs on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported), so shapes
-stay small. Inputs are fresh random per run (the ``rng`` fixture prints its seed).
+Runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it when there is no
+GPU, before triton is imported), so shapes stay small. Inputs are fresh random per run (the ``rng`` fixture prints its seed).
 
 Tokens must equal the reference's except on rows that sit at a float boundary, decided
 from the fp64 reference alone (``_boundary_rows``): a top-two margin of the perturbed
@@ -14,11 +14,11 @@ import subprocess
 import sys
 import textwrap
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
 import pytest
 import torch
 
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run the Triton kernels in the interpreter on CPU tensors", allow_module_level=True)
 triton = pytest.importorskip("triton")
 
 from eft_fast.kernels.eft_sample import eft_sample_triton  # noqa: E402
