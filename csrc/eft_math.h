@@ -43,6 +43,17 @@ EFT_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
+// One Philox 4x32 round on the counter (c0, c1, c2, c3) with key (k0, k1).
+EFT_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  const uint32_t a0 = c0, a2 = c2;
+  c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
+  c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
+  c1 = 0xCD9E8D57u * a2;
+  c3 = 0xD2511F53u * a0;
+}
+constexpr uint32_t kPhiloxKeyBumpA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyBumpB = 0xBB67AE85u;
+
 // Philox 4x32 with 10 rounds (Salmon et al. 2011), bit for bit what Triton's
 // tl.philox(seed, c0, c1, c2, c3) returns with key = (seed & 0xffffffff, seed >> 32).
 EFT_HD Philox4 philox4x32_10(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
@@ -50,16 +61,36 @@ EFT_HD Philox4 philox4x32_10(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
 EFT_UNROLL
   for (int round = 0; round < 10; ++round) {
-    const uint32_t a0 = c0, a2 = c2;
-    c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
-    c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * a2;
-    c3 = 0xD2511F53u * a0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    philox_round(c0, c1, c2, c3, k0, k1);
+    k0 += kPhiloxKeyBumpA;
+    k1 += kPhiloxKeyBumpB;
   }
   return {c0, c1, c2, c3};
 }
+
+#if !defined(__CUDACC__)
+// The first Philox word w0 for counters (tokens[i], position, 0, 0), i < n: the same rounds
+// as philox4x32_10, laid out round by round over arrays so that host compilers vectorise it.
+template <int kMaxN>
+inline void philox_w0_block(uint64_t seed, const uint32_t* tokens, uint32_t position, int n, uint32_t* w0) {
+  alignas(64) uint32_t c0[kMaxN], c1[kMaxN], c2[kMaxN], c3[kMaxN];
+  for (int i = 0; i < n; ++i) {
+    c0[i] = tokens[i];
+    c1[i] = position;
+    c2[i] = 0u;
+    c3[i] = 0u;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffull);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) philox_round(c0[i], c1[i], c2[i], c3[i], k0, k1);
+    k0 += kPhiloxKeyBumpA;
+    k1 += kPhiloxKeyBumpB;
+  }
+  for (int i = 0; i < n; ++i) w0[i] = c0[i];
+}
+#endif  // !__CUDACC__
 
 // log1p(x) for x in (-1, 0] from one logf: with y = 1 + x rounded, log(y) * x / (y - 1)
 // corrects the rounding of y (Goldberg 1991), and y == 1 means |x| < 2^-24 where

@@ -41,20 +41,27 @@ constexpr int kDigitBits[3] = {11, 11, 10};
 constexpr int kDigitShift[3] = {21, 10, 0};
 constexpr int kMaxBuckets = 2048;
 
-// Gumbel noise of tokens [first, first + n), n <= kNoiseBlock: the Philox words come from
-// the shared header (the loop vectorises), the logarithms from at::vec.
+// Gumbel noise of the tokens tokens[0, n), n <= kNoiseBlock: the Philox words come from
+// the shared header (the loop vectorises), the logarithms from at::vec. Arrays, not structs,
+// so that every loop vectorises.
 constexpr int kNoiseBlock = 64;
 
-void gumbel_block(uint64_t seed, uint32_t position, int64_t first, int n, float* noise) {
-  alignas(64) ExponentialArgs args[kNoiseBlock];
-  alignas(64) float log_arg[kNoiseBlock], logs[kNoiseBlock];
+void gumbel_tokens(uint64_t seed, uint32_t position, const uint32_t* tokens, int n, float* noise) {
+  alignas(64) uint32_t words[kNoiseBlock];
+  alignas(64) float log_arg[kNoiseBlock], x[kNoiseBlock], logs[kNoiseBlock];
+  philox_w0_block<kNoiseBlock>(seed, tokens, position, n, words);
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
-    args[i] = exponential_log_argument(philox4x32_10(seed, static_cast<uint32_t>(first + i), position, 0u, 0u).w0);
-    log_arg[i] = args[i].log_arg;
+    const ExponentialArgs a = exponential_log_argument(words[i]);
+    log_arg[i] = a.log_arg;
+    x[i] = a.x;
   }
-  at::vec::map([](Vec x) { return x.log(); }, logs, log_arg, n);
-  for (int i = 0; i < n; ++i) log_arg[i] = exponential_from_log(args[i], logs[i]);  // E
+  at::vec::map([](Vec v) { return v.log(); }, logs, log_arg, n);
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    const ExponentialArgs a{log_arg[i], x[i], words[i] >= 0x80000000u};
+    log_arg[i] = exponential_from_log(a, logs[i]);  // E
+  }
   at::vec::map([](Vec e) { return e.log().neg(); }, noise, log_arg, n);
 }
 
@@ -381,6 +388,17 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
 
   // Pass 5: Gumbel-max (or argmax) over the allowed tokens; ties go to the lowest index.
   const float allowed_threshold = threshold_from_key(allowed_key);
+  const float temperature = p.temperature;
+  // A lower bound on the winning value, from the noise of the argmax of z (always allowed):
+  // it lets every chunk skip hopeless tokens from its start. The margin covers the rounding
+  // difference between this scalar noise and the vector noise of the same token.
+  float noise_floor = -INFINITY;
+  if (!greedy) {
+    int64_t top = 0;
+    while (z[top] != lse_z.max) ++top;
+    const float top_value = z[top] / temperature + gumbel_noise(p.seed, static_cast<uint32_t>(top), p.position);
+    noise_floor = top_value - 1e-3f * std::max(1.0f, std::fabs(top_value));
+  }
   std::vector<Best> part5(num_chunks);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
@@ -388,20 +406,38 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     if (greedy) {
       first_argmax(z + begin, end - begin, begin, &best);
     } else {
+      // Only tokens that can still win get noise: g < kGumbelMax, so j is skipped when
+      // z_j / T + kGumbelMax < the best value so far (exact: division and addition are
+      // monotone). Candidates are gathered, in index order, into blocks for the vector noise.
+      alignas(64) uint32_t candidates[kNoiseBlock];
       alignas(64) float value[kNoiseBlock];
-      const float temperature = p.temperature;
-      for (int64_t first = begin; first < end; first += kNoiseBlock) {
-        const int n = static_cast<int>(std::min<int64_t>(kNoiseBlock, end - first));
-        const float* zb = z + first;
-        float block_max = -INFINITY;
-        for (int i = 0; i < n; ++i) block_max = std::max(block_max, zb[i] >= allowed_threshold ? zb[i] : -INFINITY);
-        // Gumbel noise is below kGumbelMax: a block that cannot reach the best value is
-        // skipped without computing its noise (exact: division and addition are monotone).
-        if (block_max == -INFINITY || block_max / temperature + kGumbelMax < best.value) continue;
-        gumbel_block(p.seed, p.position, first, n, value);
-        for (int i = 0; i < n; ++i) value[i] = zb[i] >= allowed_threshold ? zb[i] / temperature + value[i] : -INFINITY;
-        first_argmax(value, n, first, &best);
+      int count = 0;
+      // z_j < cutoff implies z_j / T + kGumbelMax < max(best, floor) with room to spare
+      // for rounding (the relative margin), so the per-token test is a single compare.
+      float cutoff = -INFINITY;
+      auto update_cutoff = [&] {
+        const float bound = (std::max(best.value, noise_floor) - kGumbelMax) * temperature;
+        cutoff = std::max(allowed_threshold, bound - 1e-3f * std::max(1.0f, std::fabs(bound)));
+      };
+      update_cutoff();
+      auto flush = [&] {
+        gumbel_tokens(p.seed, p.position, candidates, count, value);
+        for (int i = 0; i < count; ++i) value[i] += z[candidates[i]] / temperature;
+        for (int i = 0; i < count; ++i) {
+          if (value[i] > best.value || best.token < 0) {
+            best.value = value[i];
+            best.token = candidates[i];
+          }
+        }
+        count = 0;
+        update_cutoff();
+      };
+      for (int64_t j = begin; j < end; ++j) {
+        if (!(z[j] >= cutoff)) continue;
+        candidates[count++] = static_cast<uint32_t>(j);
+        if (count == kNoiseBlock) flush();
       }
+      if (count > 0) flush();
     }
     part5[chunk] = best;
   });
