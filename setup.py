@@ -59,13 +59,15 @@ def _use_cuda(torch):
     return torch.version.cuda is not None and nvcc is not None, nvcc
 
 
-def _find_nvrtc(cuda_root):
-    """libnvrtc for torch's CMake config: the toolkit's, else the one torch's wheels ship."""
+def _find_nvrtc(cuda_root, torch):
+    """libnvrtc for torch's CMake config: the toolkit's, else the one torch's wheels ship
+    (next to torch, which under build isolation is not in this interpreter's site-packages)."""
     import glob
     import site
 
     patterns = [os.path.join(cuda_root, "lib64", "libnvrtc.so*")]
-    for prefix in site.getsitepackages() + [site.getusersitepackages()]:
+    torch_site = str(Path(torch.__file__).resolve().parent.parent)
+    for prefix in [torch_site] + site.getsitepackages() + [site.getusersitepackages()]:
         patterns.append(os.path.join(prefix, "nvidia", "*", "lib", "libnvrtc.so*"))
         patterns.append(os.path.join(prefix, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*"))
     for pattern in patterns:
@@ -113,7 +115,7 @@ class CMakeBuild(build_ext):
                 f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}",  # torch's bundled FindCUDA
                 f"-DEFT_FAST_CUDA_ARCHS={cmake_archs}",
             ]
-            nvrtc = _find_nvrtc(cuda_root)
+            nvrtc = _find_nvrtc(cuda_root, torch)
             if nvrtc:
                 args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
             env["TORCH_CUDA_ARCH_LIST"] = arch_list
