@@ -102,6 +102,8 @@ class CMakeBuild(build_ext):
             "-GNinja",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DEFT_FAST_TORCH_DIR={Path(torch.__file__).resolve().parent}",
+            f"-DEFT_FAST_TORCH_VERSION={torch.__version__.split('+')[0]}",
             f"-DEFT_FAST_OUTPUT_DIR={extdir}",
             f"-DEFT_FAST_CUDA={'ON' if use_cuda else 'OFF'}",
             "-DCMAKE_BUILD_TYPE=Release",

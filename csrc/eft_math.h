@@ -18,6 +18,11 @@
 #endif
 
 namespace eft_fast {
+// The CPU kernel is compiled once per instruction set; each copy gets its own copy of
+// these inline functions, so the linker can never hand an AVX-512 body to another copy.
+#ifdef EFT_CPU_NS
+namespace EFT_CPU_NS {
+#endif
 
 // Row status codes, reported per row by every backend (eft_fast/ops.py decodes them).
 enum RowStatus : int32_t {
@@ -221,4 +226,7 @@ EFT_HD float eft_score(float s, bool in_set, float d, float shift) {
   return d == -INFINITY ? -INFINITY : s + (d + shift);
 }
 
+#ifdef EFT_CPU_NS
+}  // namespace EFT_CPU_NS
+#endif
 }  // namespace eft_fast

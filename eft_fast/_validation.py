@@ -11,6 +11,7 @@ import torch
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _UINT32_LIMIT = 2**32
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -84,6 +85,11 @@ def _per_row(name: str, value, batch: int, device: torch.device, *, integer: boo
         raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
     if integer and not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    if integer and not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    if not integer:
+        # A huge int becomes inf here and fails the range checks below.
+        value = float(value) if abs(value) < 1e300 else float("inf") * (1 if value > 0 else -1)
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
@@ -165,6 +171,8 @@ def normalize_inputs(knowledge, tuned, reference, seeds, positions, *, reward_we
     _require("positions", (positions >= 0) & (positions < _UINT32_LIMIT), "in [0, 2^32)", positions)
     temperature = _per_row("temperature", temperature, batch, device, integer=False)
     _require("temperature", torch.isfinite(temperature) & (temperature >= 0), "finite and >= 0", temperature)
+    # As in vLLM, temperatures below GREEDY_TEMPERATURE mean greedy: z / T would overflow.
+    temperature = torch.where(temperature < GREEDY_TEMPERATURE, torch.zeros_like(temperature), temperature)
     weight_top_p = _per_row("weight_top_p", weight_top_p, batch, device, integer=False)
     _require("weight_top_p", (weight_top_p > 0) & (weight_top_p <= 1), "in (0, 1]", weight_top_p)
     top_k = _per_row("top_k", top_k, batch, device, integer=True)

@@ -11,7 +11,8 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
 
 class EFTRowError(ValueError):
-    """Some rows could not be sampled: a NaN/+inf input logit, or no allowed token.
+    """Some rows could not be sampled: a NaN/+inf input logit (or a combination that
+    overflows fp32 in the native kernels), or no allowed token.
 
     ``rows_nan`` and ``rows_no_token`` list the offending row indices.
     """
@@ -19,7 +20,8 @@ class EFTRowError(ValueError):
     def __init__(self, rows_nan: list[int], rows_no_token: list[int]):
         parts = []
         if rows_nan:
-            parts.append(f"rows {rows_nan} have NaN or +inf logits")
+            parts.append(f"rows {rows_nan} have NaN or +inf logits (or reward weights so large that "
+                         "the combined logits overflow float32)")
         if rows_no_token:
             parts.append(f"rows {rows_no_token} have no allowed token (every token masked or filtered)")
         super().__init__("eft_sample: " + "; ".join(parts))

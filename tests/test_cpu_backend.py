@@ -173,3 +173,16 @@ def test_fuzz_no_crash_no_nan(batch, vocab, scale, inf_frac, num_tuned, draft, d
     assert bool((status[~ok] == 2).all())  # no NaN inputs here: failures are "no allowed token"
     ref = eft_sample_reference(*inputs.as_args())
     assert torch.equal(status, ref.status)
+
+
+def test_overflowing_combination_is_a_row_error_not_a_crash():
+    # c = x_R0 + beta (x_T - x_R) overflows fp32: the row is reported, the others still sample.
+    zeros = torch.zeros(2, 3)
+    tuned = torch.tensor([[4.0, 0.0, 1.0], [3e38, 0.0, 1.0]])
+    reference = torch.tensor([[0.0, 0.0, 0.0], [-3e38, 0.0, 0.0]])
+    inputs = normalize_inputs(zeros, tuned, reference, torch.arange(2), torch.zeros(2, dtype=torch.int64),
+                              reward_weights=torch.tensor([[1e38], [1.0]]))
+    tokens, _, _, status = run_backend(inputs, "cpu", False)
+    assert status.tolist() == [1, 1]
+    ok = normalize_inputs(zeros[:1], tuned[:1], reference[:1], 0, 0)
+    assert int(run_backend(ok, "cpu", False)[3][0]) == 0

@@ -514,3 +514,16 @@ def test_auto_backend_on_cpu(inputs):
     b = call(inputs, backend="torch", return_logprobs=True)
     torch.testing.assert_close(a[2], b[2], atol=1e-4, rtol=1e-4)
     assert a[0].shape == (B,)
+
+
+def test_tiny_temperature_is_greedy_and_huge_ints_name_the_argument():
+    tuned = torch.tensor([[0.0, 5.0, 1.0]])
+    for backend in ("torch", "cpu") if eft_fast._extension.has_backend("cpu") else ("torch",):
+        tokens, _ = eft_fast.eft_sample(None, tuned, None, 0, 0, temperature=1e-44, backend=backend)
+        assert tokens.tolist() == [1]
+    with pytest.raises(ValueError, match="seeds"):
+        eft_fast.eft_sample(None, tuned, None, 2**64, 0)
+    with pytest.raises(ValueError, match="top_k"):
+        eft_fast.eft_sample(None, tuned, None, 0, 0, top_k=2**64)
+    with pytest.raises(ValueError, match="temperature"):
+        eft_fast.eft_sample(None, tuned, None, 0, 0, temperature=10**400)

@@ -105,7 +105,7 @@ void first_argmax(const float* v, int64_t n, int64_t offset, Best* best) {
   const float mx = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v, n);
   if (mx == -INFINITY || (best->token >= 0 && !(mx > best->value))) return;
   int64_t i = 0;
-  while (v[i] != mx) ++i;
+  while (i + 1 < n && v[i] != mx) ++i;
   best->value = mx;
   best->token = offset + i;
 }
@@ -280,7 +280,10 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
         masked[j] = m;
       }
     }
-    for (int64_t j = 0; j < n; ++j) cc[j] = finish_small_policy(cc[j], masked[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      cc[j] = finish_small_policy(cc[j], masked[j]);
+      bad |= is_bad_logit(cc[j]);  // the weighted sum overflowed fp32
+    }
     out.bad = bad;
     if (bad) return;
     out.c = chunk_lse(cc, n);
@@ -395,7 +398,7 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   float noise_floor = -INFINITY;
   if (!greedy) {
     int64_t top = 0;
-    while (z[top] != lse_z.max) ++top;
+    while (top + 1 < vocab && z[top] != lse_z.max) ++top;
     const float top_value = z[top] / temperature + gumbel_noise(p.seed, static_cast<uint32_t>(top), p.position);
     noise_floor = top_value - 1e-3f * std::max(1.0f, std::fabs(top_value));
   }

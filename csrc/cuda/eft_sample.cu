@@ -475,6 +475,7 @@ __global__ void __launch_bounds__(kThreads) eft_sample_kernel(const EftArgs<T> a
         }
       }
       c[e] = finish_small_policy(cj, masked);
+      elem_bad = elem_bad || is_bad_logit(c[e]);  // the weighted sum overflowed fp32
       if (knowledge != nullptr) {
         elem_bad = elem_bad || is_bad_logit(xk[e]);
         lse[0].add(xk[e]);
