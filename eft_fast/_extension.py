@@ -19,6 +19,16 @@ def _runtime_torch_version() -> str:
     return torch.__version__.split("+")[0]
 
 
+def check_torch_matches(built_with: str, runtime: str) -> None:
+    """Raise ExtensionUnavailable unless the extension's torch is the runtime torch."""
+    if built_with != runtime:
+        raise ExtensionUnavailable(
+            f"eft_fast._C was built against torch {built_with} but torch {runtime} is installed. "
+            "Rebuild eft_fast against this torch: "
+            "`pip install --no-build-isolation --force-reinstall --no-deps .`"
+        )
+
+
 @functools.lru_cache(maxsize=1)
 def build_info() -> dict:
     """The extension's build description: backends, cuda_archs, torch_version, cuda_toolkit.
@@ -33,12 +43,7 @@ def build_info() -> dict:
             "(or `pip install --no-build-isolation .` to build against the torch you have)."
         ) from e
     info = json.loads(_build_info.JSON)
-    if info["torch_version"] != _runtime_torch_version():
-        raise ExtensionUnavailable(
-            f"eft_fast._C was built against torch {info['torch_version']} but torch "
-            f"{torch.__version__} is installed. Rebuild eft_fast against this torch: "
-            "`pip install --no-build-isolation --force-reinstall --no-deps .`"
-        )
+    check_torch_matches(info["torch_version"], _runtime_torch_version())
     try:
         from . import _C  # noqa: F401  (registers torch.ops.eft_fast.*)
     except ImportError as e:
