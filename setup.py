@@ -131,11 +131,13 @@ class CMakeBuild(build_ext):
 def _install_requires():
     # The extension is ABI-bound to the torch it was compiled against.
     torch = _torch()
-    return [f"torch=={torch.__version__.split('+')[0]}"]
+    # transformers: the engine's paged attention relies on AttentionInterface, kwargs passed
+    # down to attention layers and tensor logits_to_keep as in the 5.x series (tested: 5.23).
+    return [f"torch=={torch.__version__.split('+')[0]}", "transformers>=5.20,<6", "tqdm"]
 
 
 setup(
-    packages=["eft_fast", "eft_fast.bench", "eft_fast.kernels"],
+    packages=["eft_fast", "eft_fast.bench", "eft_fast.engine", "eft_fast.kernels"],
     package_dir={"eft_fast": "eft_fast", "eft_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("eft_fast._C"), CMakeExtension("eft_fast._build_info")],
     cmdclass={"build_ext": CMakeBuild},

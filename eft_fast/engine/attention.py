@@ -1,0 +1,146 @@
+"""Paged attention behind transformers' AttentionInterface.
+
+Models run with ``config._attn_implementation = "eft_paged"`` and get the per-step
+:class:`PagedAttentionMetadata` as the keyword argument ``eft_metadata`` of
+``model.forward``, which transformers passes down to every attention layer. There is no
+``past_key_values`` and no global context: each layer writes the step's new K/V into its
+pool slots, then attends over the sequence's blocks.
+
+The name is not registered as a mask function, so transformers builds no dense causal
+mask (and makes no host sync for it); causality comes from the metadata.
+
+Token layout: the step's T new tokens of S sequences are packed back to back
+(``input_ids [1, T]``); sequence s owns rows ``query_start_loc[s]:query_start_loc[s+1]``,
+and those are its last ``q_len`` positions, so one path serves packed prefill, 1-token
+decode and (k+1)-token verify.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from .kv_cache import PagedKVCache
+
+ATTENTION_NAME = "eft_paged"
+
+
+@dataclass
+class TorchPathIndices:
+    """Gather indices of the CPU (torch) path, built once per step and shared by all layers.
+
+    query_index [S, Qmax] int64: packed row of each (sequence, query column); padding -> 0.
+    key_slots   [S, Kmax] int64: pool slot of each (sequence, key position); padding -> dummy.
+    mask        [S, 1, Qmax, Kmax] bool: causal and length mask (padding rows see key 0).
+    token_seq, token_col [T] int64: where each packed row sits in the [S, Qmax] layout.
+    """
+
+    query_index: torch.Tensor
+    key_slots: torch.Tensor
+    mask: torch.Tensor
+    token_seq: torch.Tensor
+    token_col: torch.Tensor
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Everything attention needs for one forward of one model.
+
+    kv_cache: the model's pools.
+    write_slots [T] int64: pool slot of each new token; padding rows point at the dummy slot.
+    block_tables [S, M] int32: blocks of each sequence (unused entries: the dummy block).
+    seq_lens [S] int32: context length of each sequence including the new tokens.
+    query_start_loc [S + 1] int32: packed row offsets of the sequences.
+    max_query_len: host int >= every sequence's number of new tokens (a launch constant).
+    torch_path: gather indices for the CPU path (None on GPU, where the Triton kernel reads
+        the block tables directly).
+    """
+
+    kv_cache: PagedKVCache
+    write_slots: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
+    torch_path: TorchPathIndices | None = None
+
+
+def build_torch_path_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                             num_tokens: int, max_query_len: int, max_kv_len: int, block_size: int,
+                             dummy_slot: int) -> TorchPathIndices:
+    """Gather indices for :func:`torch_paged_attention` from the step's tensors (torch ops only).
+
+    ``num_tokens`` (T), ``max_query_len`` and ``max_kv_len`` are host ints: the packed row
+    count, and bounds on every sequence's new-token count and context length.
+    """
+    device = block_tables.device
+    seq_lens = seq_lens.to(torch.int64)
+    starts = query_start_loc[:-1].to(torch.int64)
+    q_lens = query_start_loc[1:].to(torch.int64) - starts                               # [S]
+    cols = torch.arange(max_query_len, device=device)                                   # [Qmax]
+    valid_q = cols[None, :] < q_lens[:, None]                                           # [S, Qmax]
+    query_index = torch.where(valid_q, starts[:, None] + cols[None, :], torch.zeros_like(valid_q, dtype=torch.int64))
+
+    key_pos = torch.arange(max_kv_len, device=device)                                   # [Kmax]
+    block_idx = (key_pos // block_size).clamp(max=block_tables.shape[1] - 1)
+    slots = block_tables.to(torch.int64)[:, block_idx] * block_size + key_pos % block_size  # [S, Kmax]
+    valid_k = key_pos[None, :] < seq_lens[:, None]                                       # [S, Kmax]
+    key_slots = torch.where(valid_k, slots, torch.full_like(slots, dummy_slot))
+
+    # query column c of sequence s is at position seq_len - q_len + c
+    q_pos = seq_lens[:, None] - q_lens[:, None] + cols[None, :]                          # [S, Qmax]
+    mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & valid_k[:, None, :]          # [S, Qmax, Kmax]
+    # padding query columns attend to key 0 only, so their softmax stays finite
+    mask = mask | (~valid_q[:, :, None] & (key_pos == 0)[None, None, :])
+
+    token_seq = torch.repeat_interleave(torch.arange(q_lens.shape[0], device=device), q_lens,
+                                        output_size=num_tokens)
+    token_col = torch.arange(token_seq.shape[0], device=device) - starts[token_seq]
+    return TorchPathIndices(query_index, key_slots, mask[:, None], token_seq, token_col)
+
+
+def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          indices: TorchPathIndices, scale: float) -> torch.Tensor:
+    """query [T, Hq, D]; key/value_cache [num_blocks + 1, block_size, Hkv, D] -> [T, Hq, D]."""
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+    q = query[indices.query_index].transpose(1, 2)                                      # [S, Hq, Qmax, D]
+    k = key_cache.view(-1, num_kv_heads, head_dim)[indices.key_slots].transpose(1, 2)   # [S, Hkv, Kmax, D]
+    v = value_cache.view(-1, num_kv_heads, head_dim)[indices.key_slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=indices.mask, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])            # [S, Hq, Qmax, D]
+    return out.transpose(1, 2)[indices.token_seq, indices.token_col]                    # [T, Hq, D]
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None,
+                            dropout: float = 0.0, eft_metadata: PagedAttentionMetadata | None = None, **kwargs):
+    """The "eft_paged" attention function: query [1, Hq, T, D], key/value [1, Hkv, T, D]
+    -> ([1, T, Hq, D], None)."""
+    meta = eft_metadata
+    if meta is None:
+        raise ValueError("attention 'eft_paged' needs the keyword argument eft_metadata "
+                         "(run the model through eft_fast's ModelRunner)")
+    if query.shape[0] != 1:
+        raise ValueError(f"attention 'eft_paged' takes packed tokens in a batch of 1, got batch {query.shape[0]}")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q = query[0].transpose(0, 1)                                                        # [T, Hq, D]
+    k = key[0].transpose(0, 1).to(meta.kv_cache.key.dtype)                              # [T, Hkv, D]
+    v = value[0].transpose(0, 1).to(meta.kv_cache.key.dtype)
+    key_cache, value_cache = meta.kv_cache.layer(module.layer_idx)
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.write_slots, k)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.write_slots, v)
+    if meta.torch_path is not None:
+        out = torch_paged_attention(q, key_cache, value_cache, meta.torch_path, scaling)
+    else:
+        from ..kernels.paged_attention import paged_attention_triton
+
+        out = paged_attention_triton(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                                     meta.query_start_loc, meta.max_query_len, scaling)
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

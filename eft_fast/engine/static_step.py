@@ -1,0 +1,131 @@
+"""Fixed-shape steps over static buffers, captured as CUDA graphs on GPU.
+
+Decode (1 token per sequence) and verify (k+1 tokens per sequence) steps have a fixed
+number of new tokens per sequence, so their inputs fit static buffers sized for the
+largest batch bucket. On CUDA, one graph per batch-size bucket is captured (largest
+first, all sharing one memory pool) and replayed after the buffers are refilled; on CPU
+the very same buffer code runs eagerly, so its logic is tested without a GPU.
+
+Padding rows (a batch of n < bucket sequences) write to the dummy slot and attend to the
+dummy block; their logits are never read. No host sync happens inside a captured region.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model_runner import ModelRunner, SequenceStep
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then multiples of 16 up to ``max_batch`` (always included)."""
+    out = [b for b in (1, 2, 4, 8) if b < max_batch]
+    out.extend(range(16, max_batch, 16))
+    out.append(max_batch)
+    return sorted(set(out))
+
+
+class StaticStep:
+    """Runs steps where every sequence brings exactly ``query_len`` new tokens.
+
+    Args:
+        runner: the model's runner (its pool, block size and model).
+        query_len: new tokens per sequence (1 = decode, k + 1 = verify).
+        max_batch: the largest number of sequences per step.
+        use_cuda_graph: capture graphs (default: on when the model is on CUDA).
+    """
+
+    def __init__(self, runner: ModelRunner, query_len: int, max_batch: int, use_cuda_graph: bool | None = None):
+        if query_len < 1 or max_batch < 1:
+            raise ValueError(f"query_len and max_batch must be >= 1, got {query_len}, {max_batch}")
+        self.runner = runner
+        self.query_len = query_len
+        self.buckets = batch_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.use_cuda_graph = runner.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        dev, q, b = runner.device, query_len, self.max_batch
+        i64, i32 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.int32, device=dev)
+        # Static inputs: [max_batch * query_len] per token, [max_batch, ...] per sequence.
+        self.input_ids = torch.zeros(b * q, **i64)
+        self.positions = torch.zeros(b * q, **i64)
+        self.write_slots = torch.full((b * q,), runner.kv_cache.dummy_slot, **i64)
+        self.block_tables = torch.full((b, runner.max_blocks_per_seq), runner.kv_cache.dummy_block, **i32)
+        self.seq_lens = torch.full((b,), q, **i32)
+        self.query_start_loc = torch.arange(b + 1, **i32) * q   # constant: q tokens per sequence
+        self.logits = torch.zeros(b * q, runner.vocab_width, dtype=runner.dtype, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.use_cuda_graph:
+            self._capture()
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"a static step holds at most {self.max_batch} sequences, got {n}")
+
+    def _forward(self, bucket: int, max_kv_len: int | None) -> torch.Tensor:
+        """The model on the first ``bucket`` rows of the buffers; logits [bucket * q, V]."""
+        n_tok = bucket * self.query_len
+        meta = self.runner.metadata(self.write_slots[:n_tok], self.block_tables[:bucket], self.seq_lens[:bucket],
+                                    self.query_start_loc[:bucket + 1], n_tok, self.query_len, max_kv_len)
+        logits = self.runner.run_model(self.input_ids[:n_tok], self.positions[:n_tok], meta)
+        self.logits[:n_tok].copy_(logits)
+        return self.logits[:n_tok]
+
+    def _capture(self) -> None:
+        pool = None
+        for bucket in reversed(self.buckets):           # largest first: later graphs reuse its pool
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):                       # warm up (Triton autotune / lazy init)
+                    self._forward(bucket, None)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+                self._forward(bucket, None)
+            pool = graph.pool()
+            self.graphs[bucket] = graph
+        self._reset_padding(self.max_batch)
+
+    def _reset_padding(self, n: int) -> None:
+        """Point token rows ``n * q`` onwards and sequence rows ``n`` onwards at the dummy block."""
+        q, kv = self.query_len, self.runner.kv_cache
+        self.input_ids[n * q:].zero_()
+        self.positions[n * q:].copy_(torch.arange(q, device=self.positions.device).repeat(self.max_batch - n))
+        self.write_slots[n * q:].fill_(kv.dummy_slot)
+        self.block_tables[n:].fill_(kv.dummy_block)
+        self.seq_lens[n:].fill_(q)
+
+    @torch.inference_mode()
+    def forward(self, steps: list[SequenceStep]) -> torch.Tensor:
+        """Run ``steps`` (each with exactly ``query_len`` tokens).
+
+        Returns logits [len(steps) * query_len, vocab_width], packed in step order: a view of
+        a static buffer that the next call overwrites. Advances each table's ``num_tokens``.
+        """
+        n = len(steps)
+        if n == 0:
+            raise ValueError("forward needs at least one sequence")
+        for i, step in enumerate(steps):
+            if len(step.token_ids) != self.query_len:
+                raise ValueError(f"sequence {i} brings {len(step.token_ids)} tokens; this static step takes "
+                                 f"exactly {self.query_len}")
+        bucket = self.bucket_for(n)
+        lay = self.runner.layout(steps)
+        q = self.query_len
+        n_tok = n * q
+        self.input_ids[:n_tok].copy_(torch.tensor(lay.input_ids, dtype=torch.int64), non_blocking=True)
+        self.positions[:n_tok].copy_(torch.tensor(lay.positions, dtype=torch.int64), non_blocking=True)
+        self.write_slots[:n_tok].copy_(torch.tensor(lay.slots, dtype=torch.int64), non_blocking=True)
+        self.block_tables[:n].copy_(torch.tensor(self.runner.padded_tables(lay.block_tables, n),
+                                                 dtype=torch.int32), non_blocking=True)
+        self.seq_lens[:n].copy_(torch.tensor(lay.seq_lens, dtype=torch.int32), non_blocking=True)
+        self._reset_padding(n)
+        if bucket in self.graphs:
+            self.graphs[bucket].replay()
+            logits = self.logits[:n_tok]
+        else:
+            logits = self._forward(bucket, max(lay.seq_lens))[:n_tok]
+        for step in steps:
+            step.table.num_tokens += q
+        return logits

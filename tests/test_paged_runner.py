@@ -1,0 +1,159 @@
+"""The paged model runner against HF's own dense forward (DESIGN.md section 5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+from eft_fast.engine.block_manager import BlockManager, BlockTable
+from eft_fast.engine.model_runner import ModelRunner, SequenceStep
+from eft_fast.engine.static_step import StaticStep, batch_buckets
+from tiny_models import dense_logits, tiny_model, twin
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+VOCAB = 97
+
+
+def _random_tokens(rng, n):
+    return torch.randint(0, VOCAB, (n,), generator=rng).tolist()
+
+
+def _make_runner(arch, dtype, block_size=4, num_blocks=96):
+    model = tiny_model(arch, VOCAB, dtype)
+    return ModelRunner(twin(model, "sdpa"), block_size=block_size, num_blocks=num_blocks), model
+
+
+def _check(logits, ref, seqs, news, tol):
+    off = 0
+    for seq, new in zip(seqs, news):
+        want = dense_logits(ref, seq)[-len(new):]
+        got = logits[off:off + len(new)]
+        torch.testing.assert_close(got, want, atol=tol, rtol=0)
+        off += len(new)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_prefill_decode_verify_match_dense_forward(arch, dtype, rng):
+    runner, ref = _make_runner(arch, dtype)
+    prompts = [_random_tokens(rng, n) for n in (5, 1, 9, 3, 12)]
+    tables = [BlockTable() for _ in prompts]
+    for t, p in zip(tables, prompts):
+        assert runner.blocks.ensure(t, len(p) + 24)
+    seqs = [list(p) for p in prompts]
+    # packed ragged prefill: logits at each prompt's last token
+    logits = runner.forward([SequenceStep(t, p) for t, p in zip(tables, prompts)])
+    _check(logits, ref, seqs, [[p[-1]] for p in prompts], TOL[dtype])
+    for step in range(20):
+        # one verify step of k+1 = 4 tokens for two sequences, mixed with 1-token decodes
+        news = [_random_tokens(rng, 4 if step == 7 and i in (1, 3) else 1) for i in range(len(seqs))]
+        logits = runner.forward([SequenceStep(t, n) for t, n in zip(tables, news)], all_logits=True)
+        for s, n in zip(seqs, news):
+            s.extend(n)
+        _check(logits, ref, seqs, news, TOL[dtype])
+    assert [t.num_tokens for t in tables] == [len(s) for s in seqs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rollback_then_new_tokens_equals_never_written(arch, rng):
+    runner, ref = _make_runner(arch, torch.float64, block_size=4)
+    prompt, drafted, replacement = _random_tokens(rng, 7), _random_tokens(rng, 5), _random_tokens(rng, 3)
+    table = BlockTable()
+    assert runner.blocks.ensure(table, 7 + 5 + 1)
+    runner.forward([SequenceStep(table, prompt)])
+    runner.forward([SequenceStep(table, drafted)], all_logits=True)   # positions 7..11 written
+    table.rollback(7 + 2)                                             # keep 2 drafted tokens
+    logits = runner.forward([SequenceStep(table, replacement)], all_logits=True)
+    _check(logits, ref, [prompt + drafted[:2] + replacement], [replacement], TOL[torch.float64])
+    with pytest.raises(ValueError, match="rollback"):
+        table.rollback(table.num_tokens + 1)
+
+
+@pytest.mark.parametrize("query_len", [1, 3])
+def test_static_buffer_step_equals_unpadded_step(query_len, rng):
+    model = tiny_model("llama", VOCAB, torch.float64)
+    dynamic = ModelRunner(twin(model, "sdpa"), block_size=4, num_blocks=64)
+    static_runner = ModelRunner(twin(model, "sdpa"), block_size=4, num_blocks=64)
+    static = StaticStep(static_runner, query_len, max_batch=6)
+    assert static.buckets == [1, 2, 4, 6] and not static.graphs
+    prompts = [_random_tokens(rng, n) for n in (3, 8, 5)]
+    tables = {r: [BlockTable() for _ in prompts] for r in ("d", "s")}
+    for key, runner in (("d", dynamic), ("s", static_runner)):
+        for t, p in zip(tables[key], prompts):
+            assert runner.blocks.ensure(t, len(p) + 4 * query_len)
+        runner.forward([SequenceStep(t, p) for t, p in zip(tables[key], prompts)])
+    for n_seqs in (3, 1, 2):                    # buckets 4 (1 padding row), 1, 2
+        news = [_random_tokens(rng, query_len) for _ in range(n_seqs)]
+        want = dynamic.forward([SequenceStep(t, n) for t, n in zip(tables["d"][:n_seqs], news)], all_logits=True)
+        got = static.forward([SequenceStep(t, n) for t, n in zip(tables["s"][:n_seqs], news)])
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    # padding rows wrote only the dummy block: the real blocks are identical
+    real = slice(0, dynamic.kv_cache.num_blocks)
+    torch.testing.assert_close(static_runner.kv_cache.key[:, real], dynamic.kv_cache.key[:, real], atol=1e-12, rtol=0)
+    assert [t.num_tokens for t in tables["s"]] == [t.num_tokens for t in tables["d"]]
+    with pytest.raises(ValueError, match="exactly"):
+        static.forward([SequenceStep(tables["s"][0], _random_tokens(rng, query_len + 1))])
+    with pytest.raises(ValueError, match="at most 6"):
+        static.bucket_for(7)
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_block_manager_invariants():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    a, b = BlockTable(), BlockTable()
+    assert bm.ensure(a, 9) and len(a.blocks) == 3          # 9 tokens -> 3 blocks
+    assert bm.ensure(a, 12) and len(a.blocks) == 3         # fits already
+    assert not bm.ensure(b, 12)                            # 3 more blocks, only 2 free
+    assert b.blocks == [] and bm.num_free_blocks == 2      # nothing taken on failure
+    assert not bm.can_hold(b, 12) and bm.can_hold(b, 8)
+    assert bm.ensure(b, 8)
+    assert len(set(a.blocks) | set(b.blocks)) == 5         # no block handed out twice
+    shared = a.blocks[0]
+    bm.share(shared)
+    bm.release(a)
+    assert bm.ref_count(shared) == 1 and bm.num_free_blocks == 2
+    bm.free_block(shared)
+    with pytest.raises(ValueError, match="double free"):
+        bm.free_block(shared)
+    bm.release(b)
+    assert bm.num_free_blocks == 5                         # no leak
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(0, 4)
+
+
+def test_runner_errors(rng):
+    runner, _ = _make_runner("llama", torch.float32, block_size=4, num_blocks=8)
+    table = BlockTable()
+    with pytest.raises(ValueError, match="needs 2 KV blocks"):
+        runner.forward([SequenceStep(table, _random_tokens(rng, 5))])
+    with pytest.raises(ValueError, match="no new tokens"):
+        runner.forward([SequenceStep(table, [])])
+    long = ModelRunner(tiny_model("llama", VOCAB), block_size=4, num_blocks=8, max_model_len=6)
+    t = BlockTable()
+    assert long.blocks.ensure(t, 8)
+    with pytest.raises(ValueError, match="max_model_len=6"):
+        long.forward([SequenceStep(t, _random_tokens(rng, 7))])
+
+
+def test_unsupported_attention_is_rejected():
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    with pytest.raises(ValueError, match="tuned: .*softcapping"):
+        ModelRunner(Gemma2ForCausalLM(config), role="tuned")
+    sliding = tiny_model("qwen2", VOCAB, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(ValueError, match="sliding_attention"):
+        ModelRunner(sliding)
+
+
+def test_pool_sized_from_memory_budget():
+    model = tiny_model("llama", VOCAB)
+    per_block = 2 * 2 * 16 * 2 * 16 * 4        # K+V, layers, block, kv heads, head_dim, fp32
+    runner = ModelRunner(model, block_size=16, kv_cache_bytes=10 * per_block)
+    assert runner.blocks.num_blocks == 10
+    with pytest.raises(ValueError, match="holds no"):
+        ModelRunner(tiny_model("llama", VOCAB), kv_cache_bytes=100)
