@@ -63,17 +63,27 @@ def exponential_from_word(w0: torch.Tensor) -> torch.Tensor:
     return torch.where(w0 < 0x80000000, -torch.log(u), -torch.log1p(-complement))
 
 
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int, stream: int = 0) -> torch.Tensor:
     """Gumbel noise g[b, j] of token j for row b (fp64 reference).
 
     Args:
         seeds: [B] int64, per-request seeds (any int64; read as uint64 bits).
         positions: [B] int64, absolute position of the token being sampled.
         vocab_size: V.
+        stream: the third counter word. 0 is the sampling noise of DESIGN.md section 3;
+            other streams are independent draws for the same (seed, position), used by
+            rejection-sampling speculative decoding.
     Returns:
         [B, V] float64.
     """
     tokens = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)[None, :]
-    w0, _, _, _ = philox4x32_10(seeds[:, None], tokens, positions[:, None], torch.zeros_like(tokens),
+    w0, _, _, _ = philox4x32_10(seeds[:, None], tokens, positions[:, None], torch.full_like(tokens, stream),
                                 torch.zeros_like(tokens))
     return -torch.log(exponential_from_word(w0))
+
+
+def uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """One uniform u in (0, 1) per row: (w0 + 0.5) 2^-32 of counter (0, position, stream, 0). [B] fp64."""
+    zero = torch.zeros_like(positions)
+    w0, _, _, _ = philox4x32_10(seeds, zero, positions, torch.full_like(positions, stream), zero)
+    return (w0.to(torch.float64) + 0.5) * _TWO_POW_MINUS_32

@@ -126,6 +126,38 @@ def eft_scores(knowledge: torch.Tensor | None, tuned: torch.Tensor, reference: t
     return s, z
 
 
+def tempered_and_allowed(z: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z / T, allowed): the tempered scores [B, V] and the tokens the filters keep [B, V] bool.
+
+    top_k acts on z; top_p on pi = softmax(z / T) restricted to the top-k set and renormalised
+    (as in HF and vLLM). Greedy rows (T = 0) keep every finite token: they take the argmax of z.
+    """
+    temperature = temperature.to(z.dtype)
+    greedy = temperature == 0
+    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    tempered = z / safe_t
+    allowed = ~torch.isneginf(z)
+    allowed &= top_k_mask(z, top_k)
+    restricted = torch.where(allowed, tempered, torch.full_like(tempered, NEG_INF))
+    allowed &= top_p_threshold_mask(masked_log_softmax(restricted), top_p.to(z.dtype))
+    allowed = torch.where(greedy[:, None], ~torch.isneginf(z), allowed)
+    return tempered, allowed
+
+
+def sampling_log_probs(z: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+                       ) -> torch.Tensor:
+    """log pi: the distribution a row is sampled from, [B, V] (after temperature and filters).
+
+    Greedy rows are a point mass on the argmax of z (lowest index on ties).
+    """
+    tempered, allowed = tempered_and_allowed(z, temperature, top_k, top_p)
+    log_pi = masked_log_softmax(torch.where(allowed, tempered, torch.full_like(tempered, NEG_INF)))
+    greedy = (temperature == 0)[:, None]
+    point = torch.full_like(z, NEG_INF).scatter(-1, z.argmax(-1, keepdim=True), 0.0)
+    return torch.where(greedy, point, log_pi)
+
+
 def eft_sample_reference(
     knowledge: torch.Tensor | None,
     tuned: torch.Tensor,
@@ -158,15 +190,7 @@ def eft_sample_reference(
 
     temperature = temperature.to(torch.float64)
     greedy = temperature == 0
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    tempered = z / safe_t
-    allowed = ~torch.isneginf(z)
-    allowed &= top_k_mask(z, top_k)
-    # top_p acts on pi restricted to the top-k set, renormalised (as in HF and vLLM).
-    restricted = torch.where(allowed, tempered, torch.full_like(tempered, NEG_INF))
-    allowed &= top_p_threshold_mask(masked_log_softmax(restricted), top_p.to(torch.float64))
-    # Greedy rows take the argmax of z; filters cannot remove it.
-    allowed = torch.where(greedy[:, None], ~torch.isneginf(z), allowed)
+    tempered, allowed = tempered_and_allowed(z, temperature, top_k, top_p)
 
     noise = gumbel_noise(seeds, positions, V)
     perturbed = torch.where(greedy[:, None], z, tempered + noise)

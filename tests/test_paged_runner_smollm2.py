@@ -38,7 +38,7 @@ def test_smollm2_paged_matches_hf_forward(smollm2):
         greedy = [d[-1].argmax().item() for d in dense]
         dense_next = [model(torch.tensor([p + [g]]), use_cache=False).logits[0, -1] for p, g in zip(prompts, greedy)]
 
-    runner = ModelRunner(model, block_size=16, num_blocks=16, role="tuned")  # the model switches to paged attention
+    runner = ModelRunner(model, block_size=16, num_blocks=16, role="tuned")
     tables = [BlockTable() for _ in prompts]
     for t, p in zip(tables, prompts):
         assert runner.blocks.ensure(t, len(p) + 1)

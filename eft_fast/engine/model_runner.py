@@ -86,7 +86,8 @@ class ModelRunner:
     """One model, its KV pool and block manager.
 
     Args:
-        model: a loaded causal LM (``PreTrainedModel``); it is switched to "eft_paged" attention.
+        model: a loaded causal LM (``PreTrainedModel``); its forwards through the runner use
+            "eft_paged" attention, other forwards keep the model's own.
         block_size: tokens per KV block.
         num_blocks: KV blocks in the pool; default: as many as ``kv_cache_bytes`` allows,
             at most enough for ``max_num_seqs`` full-length sequences.
@@ -100,11 +101,14 @@ class ModelRunner:
         check_model_supported(model, role)
         self.role = role
         self.model = model.eval()
-        self.model.config._attn_implementation = ATTENTION_NAME
-        for sub in self.model.modules():  # sub-configs read by submodules
+        # The configs whose attention implementation a paged forward switches to "eft_paged"
+        # (and back afterwards, so the caller's model keeps working with HF's own forward).
+        configs = {id(model.config): model.config}
+        for sub in model.modules():
             cfg = getattr(sub, "config", None)
             if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                cfg._attn_implementation = ATTENTION_NAME
+                configs.setdefault(id(cfg), cfg)
+        self._configs = list(configs.values())
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.vocab_width = model.config.get_text_config().vocab_size
@@ -168,8 +172,15 @@ class ModelRunner:
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: PagedAttentionMetadata,
                   logits_to_keep: torch.Tensor | int = 0) -> torch.Tensor:
         """input_ids, positions [T] int64 -> logits [N, vocab_width] at ``logits_to_keep`` rows (0 = all)."""
-        out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
-                         logits_to_keep=logits_to_keep, eft_metadata=metadata)
+        saved = [cfg._attn_implementation for cfg in self._configs]
+        try:
+            for cfg in self._configs:
+                cfg._attn_implementation = ATTENTION_NAME
+            out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
+                             logits_to_keep=logits_to_keep, eft_metadata=metadata)
+        finally:
+            for cfg, name in zip(self._configs, saved):
+                cfg._attn_implementation = name
         return out.logits[0]
 
     # ---- the dynamic (unpadded) path ------------------------------------------------------

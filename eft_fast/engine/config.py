@@ -1,0 +1,57 @@
+"""Engine configuration: one dataclass, checked in ``__post_init__``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACCEPT_MODES = ("exact", "rejection")
+
+
+def _positive_int(name: str, value, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} int, got {value!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Scheduling and cache settings shared by every model of an engine.
+
+    speculative_k: draft tokens per round (0 = no speculation).
+    accept: "exact" (token-identical to k = 0) or "rejection" (Leviathan et al.).
+    block_size: tokens per KV block.
+    max_num_seqs: the most requests decoding at once (also the largest CUDA-graph bucket).
+    max_num_batched_tokens: the most prompt tokens packed into one prefill step.
+    num_blocks / kv_cache_bytes: KV pool size per model (blocks, or a byte budget).
+    max_model_len: context cap for every model (default: each model's own limit).
+    use_cuda_graph: capture decode/verify steps (default: on for CUDA models).
+    backend: the eft_sample backend ("auto", "cpu", "cuda", "triton", "torch").
+    """
+
+    speculative_k: int = 0
+    accept: str = "exact"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    num_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    max_model_len: int | None = None
+    use_cuda_graph: bool | None = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _positive_int("speculative_k", self.speculative_k, allow_zero=True)
+        if self.accept not in ACCEPT_MODES:
+            raise ValueError(f"accept must be one of {ACCEPT_MODES}, got {self.accept!r}")
+        _positive_int("block_size", self.block_size)
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("num_blocks", self.num_blocks, allow_none=True)
+        _positive_int("kv_cache_bytes", self.kv_cache_bytes, allow_none=True)
+        _positive_int("max_model_len", self.max_model_len, allow_none=True)
+        if self.use_cuda_graph is not None and not isinstance(self.use_cuda_graph, bool):
+            raise TypeError(f"use_cuda_graph must be a bool or None, got {self.use_cuda_graph!r}")
+        from ..ops import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

@@ -1,0 +1,51 @@
+"""Decode rounds: one token per running request (plain), or a speculative draft-and-verify
+round (speculative.py)."""
+from __future__ import annotations
+
+import torch
+
+from .config import EngineConfig
+from .model_runner import ModelRunner, SequenceStep
+from .request import Request
+from .sampler import Roles, sample
+from .speculative import SpeculativeDecoder, round_k
+from .static_step import StaticStep
+
+
+class Decoder:
+    """Decode rounds over the engine's runners, through static (CUDA-graph) steps."""
+
+    def __init__(self, runners: list[ModelRunner], roles: Roles, config: EngineConfig, vocab_size: int):
+        self.runners = runners
+        self.roles = roles
+        self.config = config
+        self.vocab_size = vocab_size
+        self.decode_steps = [StaticStep(r, 1, config.max_num_seqs, config.use_cuda_graph) for r in runners]
+        # Speculation needs a knowledge model to verify; a single model or s alone decodes plainly.
+        self.speculative = None
+        if config.speculative_k > 0 and roles.knowledge is not None:
+            self.speculative = SpeculativeDecoder(runners, roles, config, vocab_size, self.decode_steps)
+
+    def sample(self, logits, rows: list[Request], positions: list[int], **kw):
+        return sample(self.roles, logits, rows, positions, vocab_size=self.vocab_size, backend=self.config.backend,
+                      **kw)
+
+    def decode_round(self, requests: list[Request]) -> list[tuple[list[int], list[float], int]]:
+        """One round: speculative when configured (and there is room for drafts), else plain.
+
+        Returns (new tokens, their logprobs, status) per request.
+        """
+        if self.speculative is not None:
+            k = round_k(requests, self.runners, self.speculative.k)
+            if k > 0:
+                return self.speculative.round(requests, k)
+        return self.plain_round(requests)
+
+    @torch.inference_mode()
+    def plain_round(self, requests: list[Request]) -> list[tuple[list[int], list[float], int]]:
+        """One token per request: every model reads its pending token; one fused sample."""
+        logits = {m: self.decode_steps[m].forward([SequenceStep(r.tables[m], r.pending_tokens(m)) for r in requests])
+                  for m in range(len(self.runners))}
+        result = self.sample(logits, requests, [r.next_position for r in requests],
+                             draft=self.roles.knowledge is None)
+        return [([int(t)], [float(lp)], int(s)) for t, lp, s in zip(result.tokens, result.logprobs, result.status)]

@@ -1,0 +1,180 @@
+"""Speculative EFT decoding (DESIGN.md section 4).
+
+Up-scaling drafts cheaply: the small-scale policy s needs only the small models. One round,
+for every running request at once:
+
+1. Draft: the small models read the pending token, and k times a drafted token; after each
+   read one fused ``eft_sample`` call in draft mode samples d_i from s with the noise of
+   position p_i (k + 1 small steps in all; the last gives the small logits at p_k).
+2. Verify: the knowledge model (and any model the draft did not run) reads the pending token
+   and d_0..d_{k-1} in one (k + 1)-token forward. The small logits kept from drafting fill the
+   other rows of one fused ``eft_sample`` call over all B (k + 1) rows: y_0..y_k.
+3. Accept:
+   - "exact": keep d_i while d_i == y_i, then emit y at the first mismatch (or the bonus y_k).
+     y_i uses the same logits and noise as plain decoding would, so the output is token for
+     token the k = 0 output.
+   - "rejection" (Leviathan et al. 2023): keep d_i with probability min(1, pi_i(d_i) / q_i(d_i));
+     at the first rejection sample the residual max(pi - q, 0). Its uniforms and residual noise
+     come from Philox streams 1 and 2, never the shared Gumbel noise of stream 0. The bonus y_k
+     is the stream-0 sample at a position no draft used.
+4. Rollback: every model's table is cut back to the accepted tokens; stale slots are
+   overwritten by later rounds.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..philox import gumbel_noise, uniform
+from ..reference import sampling_log_probs
+from .config import EngineConfig
+from .model_runner import ModelRunner, SequenceStep
+from .request import Request
+from .sampler import Roles, needs_reference, sample
+from .static_step import StaticStep
+
+NEG_INF = float("-inf")
+STREAM_ACCEPT, STREAM_RESIDUAL = 1, 2
+
+
+def round_k(requests: list[Request], runners: list[ModelRunner], k: int) -> int:
+    """Draft length of a round: at most k, no longer than the longest remaining budget needs,
+    and within every model's context (the round writes k + 1 positions per model)."""
+    k = min(k, max(r.remaining_tokens for r in requests) - 1)
+    for r in requests:
+        for m, runner in enumerate(runners):
+            k = min(k, runner.max_model_len - r.num_tokens(m))
+    return max(k, 0)
+
+
+class SpeculativeDecoder:
+    """Draft-and-verify rounds. ``decode_steps[m]`` are the 1-token static steps of the models."""
+
+    def __init__(self, runners: list[ModelRunner], roles: Roles, config: EngineConfig, vocab_size: int,
+                 decode_steps: list[StaticStep]):
+        self.runners = runners
+        self.roles = roles
+        self.k = config.speculative_k
+        self.accept = config.accept
+        self.backend = config.backend
+        self.vocab_size = vocab_size
+        self.decode_steps = decode_steps
+        self.max_batch = config.max_num_seqs
+        self.use_cuda_graph = config.use_cuda_graph
+        self._verify_steps: dict[int, StaticStep] = {}
+        self.forward_counts = [0] * len(runners)       # model forwards, for tests and metrics
+
+    def _verify_forward(self, m: int, steps: list[SequenceStep], k: int) -> torch.Tensor:
+        if k == self.k:   # the full-length verify is a static (CUDA-graph) step
+            if m not in self._verify_steps:
+                self._verify_steps[m] = StaticStep(self.runners[m], self.k + 1, self.max_batch, self.use_cuda_graph)
+            return self._verify_steps[m].forward(steps)
+        return self.runners[m].forward(steps, all_logits=True)
+
+    def _sample(self, logits, rows, positions, **kw):
+        return sample(self.roles, logits, rows, positions, vocab_size=self.vocab_size, backend=self.backend, **kw)
+
+    @torch.inference_mode()
+    def round(self, requests: list[Request], k: int) -> list[tuple[list[int], list[float], int]]:
+        """One round with k >= 1 drafts per request; (emitted tokens, logprobs, status) per request."""
+        roles, rejection = self.roles, self.accept == "rejection"
+        need_ref = needs_reference(roles, requests)
+        draft_models = roles.small_models(need_ref)
+        verify_models = [m for m in roles.all_models() if m not in draft_models]
+        n, base = len(requests), [r.next_position for r in requests]
+        cached_before = [[r.tables[m].num_tokens for m in range(len(self.runners))] for r in requests]
+        pending = [r.output_ids[-1] for r in requests]      # the one token no model has read yet
+
+        # 1. draft: k + 1 one-token steps of the small models, k samples from s
+        drafts = torch.zeros(n, k, dtype=torch.int64)
+        draft_failed = torch.zeros(n, dtype=torch.bool)
+        small_logits: dict[int, list[torch.Tensor]] = {m: [] for m in draft_models}
+        draft_logq = []
+        for i in range(k + 1):
+            feed = pending if i == 0 else drafts[:, i - 1].tolist()
+            for m in draft_models:
+                out = self.decode_steps[m].forward([SequenceStep(r.tables[m], [t]) for r, t in zip(requests, feed)])
+                small_logits[m].append(out.clone())            # the static buffer is reused next step
+                self.forward_counts[m] += 1
+            if i == k:
+                break
+            res = self._sample({m: small_logits[m][i] for m in draft_models}, requests, [p + i for p in base],
+                               draft=True, need_reference=need_ref, return_row_logprobs=rejection)
+            ok = res.status == 0
+            draft_failed |= ~ok
+            drafts[:, i] = torch.where(ok, res.tokens, torch.zeros_like(res.tokens))
+            if rejection:
+                draft_logq.append(res.row_logprobs)
+
+        # 2. verify: one (k + 1)-token forward of the other models, one fused sample of all rows
+        verify_tokens = [[t] + d for t, d in zip(pending, drafts.tolist())]
+        logits = {}
+        for m in verify_models:
+            logits[m] = self._verify_forward(m, [SequenceStep(r.tables[m], v) for r, v in zip(requests, verify_tokens)], k)
+            self.forward_counts[m] += 1
+        for m in draft_models:
+            logits[m] = torch.stack(small_logits[m], dim=1).flatten(0, 1)       # [n (k + 1), V]
+        rows = [r for r in requests for _ in range(k + 1)]
+        positions = [p + i for p in base for i in range(k + 1)]
+        res = self._sample(logits, rows, positions, draft=roles.knowledge is None, return_row_logprobs=rejection)
+        targets = res.tokens.view(n, k + 1)
+        target_logprobs = res.logprobs.view(n, k + 1)
+        status = res.status.view(n, k + 1)
+
+        # 3. accept
+        if rejection:
+            accepted, emitted_last = self._rejection(requests, rows, positions, drafts, targets,
+                                                     res.row_logprobs, torch.stack(draft_logq, 1), k)
+        else:
+            match = (drafts == targets[:, :k]).to(torch.int64)
+            accepted = match.cumprod(dim=1).sum(dim=1)                           # leading matches
+            emitted_last = targets.gather(1, accepted[:, None])[:, 0]
+
+        # 4. rollback and results
+        results = []
+        for b, r in enumerate(requests):
+            a = int(accepted[b])
+            for m in range(len(self.runners)):
+                r.tables[m].rollback(cached_before[b][m] + 1 + a)
+            tokens = drafts[b, :a].tolist() + [int(emitted_last[b])]
+            logprobs = [float(x) for x in target_logprobs[b, :a + 1]]
+            if rejection and a < k:    # the residual token's EFT logprob
+                logprobs[-1] = float(res.row_logprobs[b * (k + 1) + a, tokens[-1]])
+            failed = bool(draft_failed[b]) or bool((status[b, :a + 1] != 0).any())
+            code = 0 if not failed else int(status[b].max()) or 1
+            r.proposed_tokens += k
+            r.accepted_tokens += a
+            r.spec_rounds += 1
+            results.append((tokens, logprobs, code))
+        return results
+
+    def _rejection(self, requests, rows, positions, drafts, targets, z_logprobs, draft_logprobs, k):
+        """Leviathan acceptance over the batch. Returns (accepted [n], last emitted token [n])."""
+        n = len(requests)
+        V = self.vocab_size
+        p = [r.params for r in rows]
+        temperature = torch.tensor([x.temperature for x in p], dtype=torch.float64)
+        top_k = torch.tensor([x.top_k for x in p], dtype=torch.int64)
+        top_p = torch.tensor([x.top_p for x in p], dtype=torch.float64)
+        log_pi = sampling_log_probs(z_logprobs.cpu().double(), temperature, top_k, top_p).view(n, k + 1, V)
+        draft_rows = [i for i in range(n * (k + 1)) if i % (k + 1) < k]
+        log_q = sampling_log_probs(draft_logprobs.cpu().double().flatten(0, 1), temperature[draft_rows],
+                                   top_k[draft_rows], top_p[draft_rows]).view(n, k, V)
+        seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        u = uniform(seeds, pos, STREAM_ACCEPT).view(n, k + 1)[:, :k]
+        d = drafts[:, :, None]
+        ratio_ok = torch.log(u) < log_pi[:, :k].gather(2, d)[..., 0] - log_q.gather(2, d)[..., 0]
+        accepted = ratio_ok.to(torch.int64).cumprod(dim=1).sum(dim=1)
+        last = targets[:, k].clone()                                     # bonus when all k are accepted
+        rejected = (accepted < k).nonzero().flatten().tolist()
+        if rejected:
+            rows_idx = torch.tensor(rejected)
+            at = accepted[rows_idx]
+            pi = log_pi[rows_idx, at].exp()
+            q = log_q[rows_idx, at].exp()
+            residual = (pi - q).clamp(min=0)
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi)   # pi == q: sample pi
+            flat = rows_idx * (k + 1) + at
+            noise = gumbel_noise(seeds[flat], pos[flat], V, stream=STREAM_RESIDUAL)
+            last[rows_idx] = (residual.log() + noise).argmax(-1)
+        return accepted, last
