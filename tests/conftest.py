@@ -24,3 +24,13 @@ def rng(request) -> torch.Generator:
     seed = int(forced) if forced else secrets.randbits(62)
     print(f"[{request.node.nodeid}] input seed: EFT_TEST_SEED={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    """Run tiny-model tests on one intra-op thread: their matmuls are microseconds long, and on a
+    loaded 2-core machine a second OpenMP thread makes each one wait for the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,6 +11,8 @@ from engine_helpers import VOCAB, reference_generate, tiny_family
 from tiny_hf import byte_level_bpe
 from tiny_models import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MIXED = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=20),
          dict(temperature=1.0, weight_top_p=0.9), dict(temperature=0.9, top_p=0.8),
          dict(temperature=0.0, weight_top_p=0.5), dict(temperature=1.2, top_k=5, top_p=0.9), dict(temperature=0.5)]

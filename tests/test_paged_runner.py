@@ -10,6 +10,8 @@ from eft_fast.engine.model_runner import ModelRunner, SequenceStep
 from eft_fast.engine.static_step import StaticStep, batch_buckets
 from tiny_models import dense_logits, tiny_model, twin
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 VOCAB = 97
 
