@@ -1,4 +1,4 @@
-"""The `eft-fast` command line: info, sample (a demo of the fused op), bench."""
+"""The `eft-fast` command line: info, sample (a demo of the fused op), generate, bench."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from .cli_generate import add_generate_parser
 
 
 def _cmd_info(args) -> int:
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p_sample.set_defaults(func=_cmd_sample)
+
+    add_generate_parser(sub)
 
     p_bench = sub.add_parser("bench", help="benchmarks (JSON + table)")
     p_bench.add_argument("--op", action="store_true", help="the fused op vs eager torch and the memory floor")
