@@ -159,3 +159,27 @@ def test_pool_sized_from_memory_budget():
     assert runner.blocks.num_blocks == 10
     with pytest.raises(ValueError, match="holds no"):
         ModelRunner(tiny_model("llama", VOCAB), kv_cache_bytes=100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_triton_attention_path_matches_dense_forward(dtype, rng):
+    """The model runner through the Triton paged kernel (the GPU path; here in the interpreter)."""
+    model = tiny_model("qwen2", VOCAB, dtype, hidden_size=32, intermediate_size=48, num_hidden_layers=1)
+    runner = ModelRunner(twin(model, "sdpa"), block_size=4, num_blocks=32, attention_backend="triton")
+    prompts = [_random_tokens(rng, n) for n in (5, 2, 7)]
+    tables = [BlockTable() for _ in prompts]
+    for t, p in zip(tables, prompts):
+        assert runner.blocks.ensure(t, len(p) + 8)
+    logits = runner.forward([SequenceStep(t, p) for t, p in zip(tables, prompts)])
+    seqs = [list(p) for p in prompts]
+    _check(logits, model, seqs, [[p[-1]] for p in prompts], TOL[dtype])
+    static = StaticStep(runner, 3, max_batch=4, use_cuda_graph=False)
+    for query_len, step in ((1, None), (3, static)):
+        news = [_random_tokens(rng, query_len) for _ in seqs]
+        steps = [SequenceStep(t, n) for t, n in zip(tables, news)]
+        logits = runner.forward(steps, all_logits=True) if step is None else step.forward(steps)
+        for s, n in zip(seqs, news):
+            s.extend(n)
+        _check(logits, model, seqs, news, TOL[dtype])
+    with pytest.raises(ValueError, match="attention_backend"):
+        ModelRunner(model, attention_backend="flash")

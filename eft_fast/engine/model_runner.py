@@ -92,13 +92,17 @@ class ModelRunner:
         num_blocks: KV blocks in the pool; default: as many as ``kv_cache_bytes`` allows,
             at most enough for ``max_num_seqs`` full-length sequences.
         max_model_len: context cap (default: the model's own limit).
+        attention_backend: "torch" (gathers, SDPA), "triton" (the paged kernel; under
+            TRITON_INTERPRET=1 also on CPU), or "auto": triton on CUDA, torch elsewhere.
         role: name used in error messages ("knowledge", "tuned", ...).
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
-                 role: str = "model"):
+                 attention_backend: str = "auto", role: str = "model"):
         check_model_supported(model, role)
+        if attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
         self.role = role
         self.model = model.eval()
         # The configs whose attention implementation a paged forward switches to "eft_paged"
@@ -111,6 +115,9 @@ class ModelRunner:
         self._configs = list(configs.values())
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if attention_backend == "auto":
+            attention_backend = "triton" if self.device.type == "cuda" else "torch"
+        self.attention_backend = attention_backend
         self.vocab_width = model.config.get_text_config().vocab_size
         self.max_model_len = max_model_len_of(model, max_model_len)
         self.block_size = block_size
@@ -160,10 +167,10 @@ class ModelRunner:
     def metadata(self, write_slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  query_start_loc: torch.Tensor, num_tokens: int, max_query_len: int,
                  max_kv_len: int | None) -> PagedAttentionMetadata:
-        """Metadata of one forward; the CPU path also gets its gather indices (``max_kv_len``
-        bounds the context; it is not needed on GPU)."""
+        """Metadata of one forward; the torch path also gets its gather indices (``max_kv_len``
+        bounds the context; the Triton kernel does not need it)."""
         torch_path = None
-        if self.device.type != "cuda":
+        if self.attention_backend == "torch":
             torch_path = build_torch_path_indices(block_tables, seq_lens, query_start_loc, num_tokens, max_query_len,
                                                   max_kv_len, self.block_size, self.kv_cache.dummy_slot)
         return PagedAttentionMetadata(self.kv_cache, write_slots, block_tables, seq_lens, query_start_loc,
