@@ -89,7 +89,7 @@ class EFTEngine:
                              f"{len(self.roles.tuned)} tuned model(s)")
         prompt_ids = [encode_prompt(prompt if isinstance(prompt, str) else list(prompt), tok, fmt, role=name)
                       for tok, fmt, name in zip(self.models.tokenizers, self.models.formats, self.models.names)]
-        for ids, runner in zip(prompt_ids, self.runners):
+        for ids in prompt_ids:
             bad = [t for t in ids if not 0 <= t < self.models.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.models.vocab_size})")
@@ -164,43 +164,46 @@ class EFTEngine:
         """Add generated tokens, stopping at EOS, a stop token, a stop string, max_tokens or
         the context limit (tokens after the stop are dropped)."""
         params = request.params
-        now = time.perf_counter()
         if request.first_token_time is None:
-            request.first_token_time = now
+            request.first_token_time = time.perf_counter()
         for token, logprob in zip(tokens, logprobs):
             request.output_ids.append(token)
             request.logprobs.append(logprob)
-            reason = None
             if token in self.models.eos_token_ids and not params.ignore_eos:
-                reason = "eos"
-            elif params.stop_token_ids and token in params.stop_token_ids:
+                return self._finish(request, "eos")
+            if self._push_text(request, token):
+                return self._finish(request, "stop", flush=False)
+            if token in params.stop_token_ids:
+                return self._finish(request, "stop")
+            if len(request.output_ids) >= params.max_tokens or \
+                    any(request.num_tokens(m) >= r.max_model_len for m, r in enumerate(self.runners)):
+                return self._finish(request, "length")
+
+    def _push_text(self, request: Request, token: int) -> bool:
+        """Extend the request's text by the token; True if a stop string completed (text cut before it)."""
+        if request.detokenizer is None:
+            return False
+        checked = len(request.text)
+        request.text += request.detokenizer.push(token)
+        return self._cut_stop(request, checked)
+
+    @staticmethod
+    def _cut_stop(request: Request, checked: int) -> bool:
+        cut = find_stop(request.text, request.params.stop, checked) if request.params.stop else None
+        if cut is None:
+            return False
+        request.text = request.text[:cut]
+        return True
+
+    def _finish(self, request: Request, reason: str, flush: bool = True) -> None:
+        if flush and request.detokenizer is not None:   # text held back for a possibly split character
+            checked = len(request.text)
+            request.text += request.detokenizer.flush()
+            if self._cut_stop(request, checked):
                 reason = "stop"
-            if request.detokenizer is not None and reason != "eos":
-                piece = request.detokenizer.push(token)
-                if params.stop and piece:
-                    checked = len(request.text)
-                    request.text += piece
-                    cut = find_stop(request.text, params.stop, checked)
-                    if cut is not None:
-                        request.text = request.text[:cut]
-                        reason = "stop"
-                else:
-                    request.text += piece
-            if reason is None and len(request.output_ids) >= params.max_tokens:
-                reason = "length"
-            if reason is None and any(request.num_tokens(m) >= r.max_model_len for m, r in enumerate(self.runners)):
-                reason = "length"
-            if reason is not None:
-                if request.detokenizer is not None and reason != "stop":
-                    request.text += request.detokenizer.flush()
-                    if params.stop:
-                        cut = find_stop(request.text, params.stop, 0)
-                        if cut is not None:
-                            request.text, reason = request.text[:cut], "stop"
-                request.finish_reason = reason
-                request.finish_time = now
-                self.scheduler.finish(request)
-                return
+        request.finish_reason = reason
+        request.finish_time = time.perf_counter()
+        self.scheduler.finish(request)
 
     def _delta(self, request: Request) -> StreamDelta:
         """New tokens and text since the request's last delta. While a stop string could still
