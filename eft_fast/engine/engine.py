@@ -268,6 +268,18 @@ class EFTEngine:
                              list(request.logprobs), request.finish_reason, self._metrics(request),
                              error=request.error)
 
+    def stats(self) -> dict:
+        """Aggregate counters since the engine was built: preemptions and, with speculation,
+        proposed / accepted draft tokens, acceptance rate and mean accepted drafts per round
+        (a round is one request's draft-and-verify)."""
+        out = {"num_preemptions": self.scheduler.num_preemptions}
+        spec = self.decoder.speculative
+        if spec is not None:
+            out.update(proposed_tokens=spec.proposed, accepted_tokens=spec.accepted, rounds=spec.rounds,
+                       acceptance_rate=spec.accepted / spec.proposed if spec.proposed else None,
+                       mean_accepted_per_round=spec.accepted / spec.rounds if spec.rounds else None)
+        return out
+
     def _metrics(self, request: Request) -> RequestMetrics:
         end = request.finish_time or time.perf_counter()
         ttft = None if request.first_token_time is None else request.first_token_time - request.arrival_time

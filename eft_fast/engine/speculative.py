@@ -62,6 +62,7 @@ class SpeculativeDecoder:
         self.use_cuda_graph = config.use_cuda_graph
         self._verify_steps: dict[int, StaticStep] = {}
         self.forward_counts = [0] * len(runners)       # model forwards, for tests and metrics
+        self.proposed = self.accepted = self.rounds = 0  # aggregate over every request
 
     def _verify_forward(self, m: int, steps: list[SequenceStep], k: int) -> torch.Tensor:
         if k == self.k:   # the full-length verify is a static (CUDA-graph) step
@@ -144,6 +145,9 @@ class SpeculativeDecoder:
             r.proposed_tokens += k
             r.accepted_tokens += a
             r.spec_rounds += 1
+            self.proposed += k
+            self.accepted += a
+            self.rounds += 1
             results.append((tokens, logprobs, code))
         return results
 
