@@ -32,9 +32,12 @@ class StaticStep:
         query_len: new tokens per sequence (1 = decode, k + 1 = verify).
         max_batch: the largest number of sequences per step.
         use_cuda_graph: capture graphs (default: on when the model is on CUDA).
+        pad_to_bucket: run the bucket's padded batch, as a graph replay does (default: with
+            graphs). Eager runs without it compute only the real rows.
     """
 
-    def __init__(self, runner: ModelRunner, query_len: int, max_batch: int, use_cuda_graph: bool | None = None):
+    def __init__(self, runner: ModelRunner, query_len: int, max_batch: int, use_cuda_graph: bool | None = None,
+                 pad_to_bucket: bool | None = None):
         if query_len < 1 or max_batch < 1:
             raise ValueError(f"query_len and max_batch must be >= 1, got {query_len}, {max_batch}")
         self.runner = runner
@@ -42,6 +45,7 @@ class StaticStep:
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
         self.use_cuda_graph = runner.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        self.pad_to_bucket = self.use_cuda_graph if pad_to_bucket is None else pad_to_bucket
         dev, q, b = runner.device, query_len, self.max_batch
         i64, i32 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.int32, device=dev)
         # Static inputs: [max_batch * query_len] per token, [max_batch, ...] per sequence.
@@ -110,7 +114,9 @@ class StaticStep:
             if len(step.token_ids) != self.query_len:
                 raise ValueError(f"sequence {i} brings {len(step.token_ids)} tokens; this static step takes "
                                  f"exactly {self.query_len}")
-        bucket = self.bucket_for(n)
+        bucket = self.bucket_for(n)            # also checks n <= max_batch
+        if not self.pad_to_bucket:
+            bucket = n
         lay = self.runner.layout(steps)
         q = self.query_len
         n_tok = n * q
