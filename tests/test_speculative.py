@@ -186,3 +186,9 @@ def test_rejection_sampling_keeps_the_plain_distribution(rng):
     proposed = sum(o.metrics.proposed_tokens for o in outs)
     accepted = sum(o.metrics.accepted_tokens for o in outs)
     assert 0 < accepted < proposed              # both acceptance and rejection happened
+    assert all(-50 < lp <= 0 for o in outs for lp in o.logprobs)
+    # greedy rows: pi and q are point masses, so rejection sampling emits the plain greedy tokens
+    greedy = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)] * 4
+    prompts = [[1, 4, 2], [3], [5, 5, 0, 1], [2, 2]]
+    plain = EFTEngine(knowledge=knowledge, tuned=tuned[0], reference=reference, backend="torch").generate(prompts, greedy)
+    assert [o.token_ids for o in engine.generate(prompts, greedy)] == [o.token_ids for o in plain]

@@ -123,12 +123,13 @@ class SpeculativeDecoder:
 
         # 3. accept
         if rejection:
-            accepted, emitted_last = self._rejection(requests, rows, positions, drafts, targets,
-                                                     res.row_logprobs, torch.stack(draft_logq, 1), k)
+            accepted, emitted_last, last_logprob = self._rejection(requests, rows, positions, drafts, targets,
+                                                                   res.row_logprobs, torch.stack(draft_logq, 1), k)
         else:
             match = (drafts == targets[:, :k]).to(torch.int64)
             accepted = match.cumprod(dim=1).sum(dim=1)                           # leading matches
             emitted_last = targets.gather(1, accepted[:, None])[:, 0]
+            last_logprob = target_logprobs.gather(1, accepted[:, None])[:, 0]
 
         # 4. rollback and results
         results = []
@@ -137,9 +138,7 @@ class SpeculativeDecoder:
             for m in range(len(self.runners)):
                 r.tables[m].rollback(cached_before[b][m] + 1 + a)
             tokens = drafts[b, :a].tolist() + [int(emitted_last[b])]
-            logprobs = [float(x) for x in target_logprobs[b, :a + 1]]
-            if rejection and a < k:    # the residual token's EFT logprob
-                logprobs[-1] = float(res.row_logprobs[b * (k + 1) + a, tokens[-1]])
+            logprobs = [float(x) for x in target_logprobs[b, :a]] + [float(last_logprob[b])]
             failed = bool(draft_failed[b]) or bool((status[b, :a + 1] != 0).any())
             code = 0 if not failed else int(status[b].max()) or 1
             r.proposed_tokens += k
@@ -152,33 +151,35 @@ class SpeculativeDecoder:
         return results
 
     def _rejection(self, requests, rows, positions, drafts, targets, z_logprobs, draft_logprobs, k):
-        """Leviathan acceptance over the batch. Returns (accepted [n], last emitted token [n])."""
-        n = len(requests)
-        V = self.vocab_size
+        """Leviathan acceptance over the batch, on the logits' device (one copy back at the end).
+
+        Returns (accepted [n], last emitted token [n], its EFT logprob [n]) on the CPU.
+        """
+        n, V, dev = len(requests), self.vocab_size, z_logprobs.device
         p = [r.params for r in rows]
-        temperature = torch.tensor([x.temperature for x in p], dtype=torch.float64)
-        top_k = torch.tensor([x.top_k for x in p], dtype=torch.int64)
-        top_p = torch.tensor([x.top_p for x in p], dtype=torch.float64)
-        log_pi = sampling_log_probs(z_logprobs.cpu().double(), temperature, top_k, top_p).view(n, k + 1, V)
-        draft_rows = [i for i in range(n * (k + 1)) if i % (k + 1) < k]
-        log_q = sampling_log_probs(draft_logprobs.cpu().double().flatten(0, 1), temperature[draft_rows],
-                                   top_k[draft_rows], top_p[draft_rows]).view(n, k, V)
-        seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64)
-        pos = torch.tensor(positions, dtype=torch.int64)
+        f64 = dict(dtype=torch.float64, device=dev)
+        temperature = torch.tensor([x.temperature for x in p], **f64)
+        top_k = torch.tensor([x.top_k for x in p], dtype=torch.int64, device=dev)
+        top_p = torch.tensor([x.top_p for x in p], **f64)
+        log_pi = sampling_log_probs(z_logprobs.double(), temperature, top_k, top_p).view(n, k + 1, V)
+        is_draft_row = torch.arange(n * (k + 1), device=dev) % (k + 1) < k
+        log_q = sampling_log_probs(draft_logprobs.double().flatten(0, 1), temperature[is_draft_row],
+                                   top_k[is_draft_row], top_p[is_draft_row]).view(n, k, V)
+        seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         u = uniform(seeds, pos, STREAM_ACCEPT).view(n, k + 1)[:, :k]
-        d = drafts[:, :, None]
+        d = drafts.to(dev)[:, :, None]
         ratio_ok = torch.log(u) < log_pi[:, :k].gather(2, d)[..., 0] - log_q.gather(2, d)[..., 0]
-        accepted = ratio_ok.to(torch.int64).cumprod(dim=1).sum(dim=1)
-        last = targets[:, k].clone()                                     # bonus when all k are accepted
-        rejected = (accepted < k).nonzero().flatten().tolist()
-        if rejected:
-            rows_idx = torch.tensor(rejected)
-            at = accepted[rows_idx]
-            pi = log_pi[rows_idx, at].exp()
-            q = log_q[rows_idx, at].exp()
-            residual = (pi - q).clamp(min=0)
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi)   # pi == q: sample pi
-            flat = rows_idx * (k + 1) + at
-            noise = gumbel_noise(seeds[flat], pos[flat], V, stream=STREAM_RESIDUAL)
-            last[rows_idx] = (residual.log() + noise).argmax(-1)
-        return accepted, last
+        accepted = ratio_ok.to(torch.int64).cumprod(dim=1).sum(dim=1)                       # [n]
+        # residual max(pi - q, 0) at the first rejected position (pi itself where pi == q)
+        at = accepted.clamp(max=k - 1)
+        rows_idx = torch.arange(n, device=dev)
+        pi = log_pi[rows_idx, at].exp()
+        residual = (pi - log_q[rows_idx, at].exp()).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi)
+        flat = rows_idx * (k + 1) + at
+        noise = gumbel_noise(seeds[flat], pos[flat], V, stream=STREAM_RESIDUAL)
+        resampled = (residual.log() + noise).argmax(-1)
+        last = torch.where(accepted < k, resampled, targets.to(dev)[:, k])        # bonus when all k accepted
+        last_logprob = z_logprobs.view(n, k + 1, V)[rows_idx, accepted, last]
+        return accepted.cpu(), last.cpu(), last_logprob.float().cpu()
