@@ -24,7 +24,12 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "../eft_math.h"
 #include "eft_sample_cpu.h"
@@ -41,15 +46,12 @@ constexpr int kDigitBits[3] = {11, 11, 10};
 constexpr int kDigitShift[3] = {21, 10, 0};
 constexpr int kMaxBuckets = 2048;
 
-// Gumbel noise of the tokens tokens[0, n), n <= kNoiseBlock: the Philox words come from
-// the shared header (the loop vectorises), the logarithms from at::vec. Arrays, not structs,
-// so that every loop vectorises.
+// Gumbel noise g = -log(E(w)) of the Philox words words[0, n), n <= kNoiseBlock: the
+// logarithms come from at::vec. Arrays, not structs, so that every loop vectorises.
 constexpr int kNoiseBlock = 64;
 
-void gumbel_tokens(uint64_t seed, uint32_t position, const uint32_t* tokens, int n, float* noise) {
-  alignas(64) uint32_t words[kNoiseBlock];
+void gumbel_from_words(const uint32_t* words, int n, float* noise) {
   alignas(64) float log_arg[kNoiseBlock], x[kNoiseBlock], logs[kNoiseBlock];
-  philox_w0_block<kNoiseBlock>(seed, tokens, position, n, words);
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
     const ExponentialArgs a = exponential_log_argument(words[i]);
@@ -63,6 +65,191 @@ void gumbel_tokens(uint64_t seed, uint32_t position, const uint32_t* tokens, int
     log_arg[i] = exponential_from_log(a, logs[i]);  // E
   }
   at::vec::map([](Vec e) { return e.log().neg(); }, noise, log_arg, n);
+}
+
+// The first Philox word w0 of the counters (tokens[i], position, 0, 0), i < n <= kNoiseBlock:
+// bit for bit philox4x32_10(seed, tokens[i], position, 0, 0).w0 (eft_math.h).
+#if defined(CPU_CAPABILITY_AVX512)
+// Eight counters per register, one per 64-bit lane: _mm512_mul_epu32 multiplies the low
+// 32 bits of each lane into a full 64-bit product (high word = mulhi, low word = the
+// product mod 2^32), and ignores the lanes' high halves, so they may hold garbage.
+inline __m512i philox_w0_x8(__m512i token, uint32_t position, const uint32_t* k0, const uint32_t* k1) {
+  const __m512i m0 = _mm512_set1_epi64(0xCD9E8D57u), m1 = _mm512_set1_epi64(0xD2511F53u);
+  // Round 1 on (token, position, 0, 0): c0 = position ^ k0, c1 = 0, c2 = hi(m1 token) ^ k1,
+  // c3 = lo(m1 token).
+  __m512i p1 = _mm512_mul_epu32(token, m1);
+  const uint32_t c0_scalar = position ^ k0[0];
+  __m512i c2 = _mm512_xor_si512(_mm512_srli_epi64(p1, 32), _mm512_set1_epi64(k1[0]));
+  __m512i c3 = p1;
+  // Round 2: c0 is the same in every lane, so its products are scalars.
+  const uint64_t q1 = static_cast<uint64_t>(0xD2511F53u) * c0_scalar;
+  __m512i p0 = _mm512_mul_epu32(c2, m0);
+  __m512i c0 = _mm512_xor_si512(_mm512_srli_epi64(p0, 32), _mm512_set1_epi64(k0[1]));  // c1 was 0
+  c2 = _mm512_xor_si512(c3, _mm512_set1_epi64(static_cast<uint32_t>(q1 >> 32) ^ k1[1]));
+  __m512i c1 = p0;
+  c3 = _mm512_set1_epi64(static_cast<uint32_t>(q1));
+  for (int round = 2; round < 10; ++round) {
+    p0 = _mm512_mul_epu32(c2, m0);
+    p1 = _mm512_mul_epu32(c0, m1);
+    c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c1, _mm512_set1_epi64(k0[round]), 0x96);
+    c2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c3, _mm512_set1_epi64(k1[round]), 0x96);
+    c1 = p0;
+    c3 = p1;
+  }
+  return c0;  // w0 in the low half of each lane
+}
+
+void philox_words(uint64_t seed, uint32_t position, const uint32_t* tokens, int n, uint32_t* words) {
+  uint32_t k0[10], k1[10];
+  k0[0] = static_cast<uint32_t>(seed & 0xffffffffull);
+  k1[0] = static_cast<uint32_t>(seed >> 32);
+  for (int r = 1; r < 10; ++r) {
+    k0[r] = k0[r - 1] + kPhiloxKeyBumpA;
+    k1[r] = k1[r - 1] + kPhiloxKeyBumpB;
+  }
+  for (int i = 0; i < n; i += 16) {
+    const __m512i t = _mm512_loadu_si512(tokens + i);  // the buffers are padded to whole vectors
+    const __m512i lo = philox_w0_x8(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(t)), position, k0, k1);
+    const __m512i hi = philox_w0_x8(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(t, 1)), position, k0, k1);
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)),
+                                         _mm512_cvtepi64_epi32(hi), 1);
+    _mm512_storeu_si512(words + i, w);
+  }
+}
+#else
+void philox_words(uint64_t seed, uint32_t position, const uint32_t* tokens, int n, uint32_t* words) {
+  philox_w0_block<kNoiseBlock>(seed, tokens, position, n, words);
+}
+#endif
+
+// An upper bound of the Gumbel noise as a function of the Philox word w, from its leading
+// bits (g is increasing in w): level 1 indexes w >> 27; in the top level-1 bucket, where g
+// grows fastest, level 2 indexes the next five bits. Each entry is g at the largest word of
+// its bucket, computed in double, plus a margin far above the rounding error of the float
+// noise. Only 1/1024 of the words get the global bound ~22.9.
+struct NoiseBound {
+  alignas(64) float level1[32];
+  alignas(64) float level2[32];
+  NoiseBound() {
+    auto g_at = [](uint64_t w) {
+      const double e = w >= 0x80000000ull ? -std::log1p(-((0xffffffffull - w) + 0.5) * 0x1p-32)
+                                          : -std::log((w + 0.5) * 0x1p-32);
+      return static_cast<float>(-std::log(e) + 1e-3);
+    };
+    for (uint64_t k = 0; k < 32; ++k) {
+      level1[k] = g_at(((k + 1) << 27) - 1);
+      level2[k] = g_at((uint64_t{31} << 27) + ((k + 1) << 22) - 1);
+    }
+  }
+  float operator()(uint32_t w) const { return (w >> 27) == 31 ? level2[(w >> 22) & 31] : level1[w >> 27]; }
+};
+const NoiseBound kNoiseBound;
+
+struct Best {
+  float value = -INFINITY;
+  int64_t token = -1;
+};
+
+// Gumbel-max over the tokens j in [begin, end) with z_j >= allowed_threshold: the first
+// maximum of value_j = z_j / T + g_j, folded into *best_out. Only tokens that can still win
+// get their exact noise, in three stages that keep index order:
+//   1. g < kGumbelMax: j is a candidate only if z_j / T + kGumbelMax can reach the bound
+//      max(best value, noise_floor) (one compare of z_j against a cutoff);
+//   2. the candidates' Philox words; g is increasing in the word, so NoiseBound gives a much
+//      tighter bound per word and drops most candidates;
+//   3. the survivors' logarithms and values, in blocks.
+// Every test is conservative (the margins exceed the rounding), so the result is the first
+// maximum of value_j over all allowed tokens, with the noise of gumbel_from_words.
+constexpr int kCandidates = kNoiseBlock;  // stage-1 block
+constexpr int kSurvivors = 32;            // stage-3 buffer, flushed from 16 entries on
+void gumbel_argmax(const float* z, int64_t begin, int64_t end, float temperature, float allowed_threshold,
+                   float noise_floor, uint64_t seed, uint32_t position, Best* best_out) {
+  Best best = *best_out;
+  alignas(64) uint32_t cand[kCandidates], words[kCandidates];
+  alignas(64) float cand_z[kCandidates];
+  alignas(64) uint32_t surv[kSurvivors], surv_w[kSurvivors];
+  alignas(64) float surv_zt[kSurvivors], noise[kSurvivors];
+  int nc = 0, ns = 0;
+  float bound = -INFINITY, cutoff = -INFINITY;
+  auto update_bounds = [&] {
+    bound = std::max(best.value, noise_floor);
+    // z_j < cutoff implies z_j / T + kGumbelMax < bound with room to spare for rounding.
+    const float zb = (bound - kGumbelMax) * temperature;
+    cutoff = std::max(allowed_threshold, zb - 1e-3f * std::max(1.0f, std::fabs(zb)));
+  };
+  update_bounds();
+  auto flush_survivors = [&] {
+    gumbel_from_words(surv_w, ns, noise);
+    for (int i = 0; i < ns; ++i) {
+      const float value = noise[i] + surv_zt[i];
+      if (value > best.value || best.token < 0) {
+        best.value = value;
+        best.token = surv[i];
+      }
+    }
+    ns = 0;
+    update_bounds();
+  };
+  auto flush_candidates = [&] {
+    philox_words(seed, position, cand, nc, words);
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 t = _mm512_set1_ps(temperature);
+    const __m512 l1lo = _mm512_load_ps(kNoiseBound.level1), l1hi = _mm512_load_ps(kNoiseBound.level1 + 16);
+    const __m512 l2lo = _mm512_load_ps(kNoiseBound.level2), l2hi = _mm512_load_ps(kNoiseBound.level2 + 16);
+    const __m512i top = _mm512_set1_epi32(31), five = _mm512_set1_epi32(31);
+    for (int i = 0; i < nc; i += 16) {
+      const __mmask16 valid = nc - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (nc - i)) - 1u);
+      const __m512i w = _mm512_load_si512(words + i);
+      const __m512 zt = _mm512_div_ps(_mm512_load_ps(cand_z + i), t);
+      const __m512i hi5 = _mm512_srli_epi32(w, 27);
+      const __m512i next5 = _mm512_and_si512(_mm512_srli_epi32(w, 22), five);
+      const __m512 ub = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(hi5, top),
+                                             _mm512_permutex2var_ps(l1lo, hi5, l1hi),
+                                             _mm512_permutex2var_ps(l2lo, next5, l2hi));
+      const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, _mm512_add_ps(zt, ub), _mm512_set1_ps(bound), _CMP_GE_OQ);
+      if (keep == 0) continue;
+      _mm512_storeu_si512(surv + ns, _mm512_maskz_compress_epi32(keep, _mm512_load_si512(cand + i)));
+      _mm512_storeu_si512(surv_w + ns, _mm512_maskz_compress_epi32(keep, w));
+      _mm512_storeu_ps(surv_zt + ns, _mm512_maskz_compress_ps(keep, zt));
+      ns += __builtin_popcount(keep);
+      if (ns >= 16) flush_survivors();
+    }
+#else
+    for (int i = 0; i < nc; ++i) {
+      const float zt = cand_z[i] / temperature;
+      surv[ns] = cand[i];
+      surv_w[ns] = words[i];
+      surv_zt[ns] = zt;
+      ns += zt + kNoiseBound(words[i]) >= bound;
+      if (ns == kSurvivors) flush_survivors();
+    }
+#endif
+    nc = 0;
+  };
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j = begin; j < end; j += 16) {
+    const __mmask16 valid = end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
+    const __m512 zv = _mm512_maskz_loadu_ps(valid, z + j);
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, zv, _mm512_set1_ps(cutoff), _CMP_GE_OQ);
+    if (m == 0) continue;
+    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), iota);
+    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi32(m, idx));
+    _mm512_storeu_ps(cand_z + nc, _mm512_maskz_compress_ps(m, zv));
+    nc += __builtin_popcount(m);
+    if (nc > kCandidates - 16) flush_candidates();
+  }
+#else
+  for (int64_t j = begin; j < end; ++j) {
+    cand[nc] = static_cast<uint32_t>(j);
+    cand_z[nc] = z[j];
+    nc += z[j] >= cutoff;
+    if (nc == kCandidates) flush_candidates();
+  }
+#endif
+  if (nc > 0) flush_candidates();
+  if (ns > 0) flush_survivors();
+  *best_out = best;
 }
 
 template <typename F>
@@ -94,11 +281,6 @@ OnlineLse chunk_lse(const float* x, int64_t n) {
                                            [](Vec a, Vec b) { return a + b; }, x, n);
   return out;
 }
-
-struct Best {
-  float value = -INFINITY;
-  int64_t token = -1;
-};
 
 // Folds v[0, n) (token ids offset + i) into best: the largest finite value, lowest index on ties.
 void first_argmax(const float* v, int64_t n, int64_t offset, Best* best) {
@@ -409,38 +591,7 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     if (greedy) {
       first_argmax(z + begin, end - begin, begin, &best);
     } else {
-      // Only tokens that can still win get noise: g < kGumbelMax, so j is skipped when
-      // z_j / T + kGumbelMax < the best value so far (exact: division and addition are
-      // monotone). Candidates are gathered, in index order, into blocks for the vector noise.
-      alignas(64) uint32_t candidates[kNoiseBlock];
-      alignas(64) float value[kNoiseBlock];
-      int count = 0;
-      // z_j < cutoff implies z_j / T + kGumbelMax < max(best, floor) with room to spare
-      // for rounding (the relative margin), so the per-token test is a single compare.
-      float cutoff = -INFINITY;
-      auto update_cutoff = [&] {
-        const float bound = (std::max(best.value, noise_floor) - kGumbelMax) * temperature;
-        cutoff = std::max(allowed_threshold, bound - 1e-3f * std::max(1.0f, std::fabs(bound)));
-      };
-      update_cutoff();
-      auto flush = [&] {
-        gumbel_tokens(p.seed, p.position, candidates, count, value);
-        for (int i = 0; i < count; ++i) value[i] += z[candidates[i]] / temperature;
-        for (int i = 0; i < count; ++i) {
-          if (value[i] > best.value || best.token < 0) {
-            best.value = value[i];
-            best.token = candidates[i];
-          }
-        }
-        count = 0;
-        update_cutoff();
-      };
-      for (int64_t j = begin; j < end; ++j) {
-        if (!(z[j] >= cutoff)) continue;
-        candidates[count++] = static_cast<uint32_t>(j);
-        if (count == kNoiseBlock) flush();
-      }
-      if (count > 0) flush();
+      gumbel_argmax(z, begin, end, temperature, allowed_threshold, noise_floor, p.seed, p.position, &best);
     }
     part5[chunk] = best;
   });
