@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -144,6 +145,157 @@ struct NoiseBound {
   float operator()(uint32_t w) const { return (w >> 27) == 31 ? level2[(w >> 22) & 31] : level1[w >> 27]; }
 };
 const NoiseBound kNoiseBound;
+
+// Lane masks: __mmask16 on AVX-512, else all-ones / all-zeros float lanes of at::vec.
+#if defined(CPU_CAPABILITY_AVX512)
+using Mask = __mmask16;
+inline Mask mask_none() { return 0; }
+inline Mask is_neg_inf_v(Vec v) { return _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ); }
+// NaN or +inf (the unordered compare is true for NaN).
+inline Mask is_bad_v(Vec v) { return _mm512_cmp_ps_mask(v, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ); }
+inline bool any(Mask m) { return m != 0; }
+inline Vec select(Mask m, Vec if_true, Vec if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+#else
+using Mask = Vec;
+inline Mask mask_none() { return Vec(0.0f); }
+inline Mask is_neg_inf_v(Vec v) { return v == Vec(-INFINITY); }
+inline Mask is_bad_v(Vec v) { return (v != v) | (v == Vec(INFINITY)); }
+inline bool any(Mask m) {
+  alignas(64) uint32_t lanes[Vec::size()];
+  m.store(lanes);
+  uint32_t bits = 0;
+  for (int i = 0; i < Vec::size(); ++i) bits |= lanes[i];
+  return bits != 0;
+}
+inline Vec select(Mask m, Vec if_true, Vec if_false) { return Vec::blendv(if_false, if_true, m); }
+#endif
+
+// Pass 1 over one chunk of a row, fp32 inputs (nullptr = absent):
+//   c = x_R0 + sum_r beta_r (x_T[r] - x_R[r]), -inf where any of its logits is -inf,
+//   d = x_K - x_R0 (knowledge given), the log-sum-exps of c, x_K and x_R0, and whether any
+//   logit is NaN or +inf or c overflowed. One pass computes c, d, the maxima and the checks;
+//   a second pass over the (cached) chunk sums the exponentials.
+struct Pass1Inputs {
+  const float* ref0 = nullptr;       // x_R0; nullptr: draft mode without reference (x_R0 = 0)
+  const float* knowledge = nullptr;  // x_K
+  std::vector<const float*> tuned;
+  std::vector<const float*> ref;  // x_R[r] when not shared (else nullptr)
+  bool shared_ref = false;               // x_R[r] = x_R0 for every r
+  const float* beta = nullptr;
+  int num_tuned = 0;
+};
+struct Pass1Result { OnlineLse k, r0, c; bool bad = false; };
+
+// Scalar form of one element, for the tail of a chunk (the same operations as the vectors).
+inline float small_policy_scalar(const Pass1Inputs& in, int64_t j, bool* bad) {
+  const float x0 = in.ref0 ? in.ref0[j] : 0.0f;
+  bool masked = is_neg_inf(x0);
+  *bad |= is_bad_logit(x0);
+  float c = x0;
+  for (int r = 0; r < in.num_tuned; ++r) {
+    const float t = in.tuned[r][j];
+    const float rr = in.ref[r] ? in.ref[r][j] : (in.shared_ref ? x0 : 0.0f);
+    *bad |= is_bad_logit(t) | (in.ref[r] ? is_bad_logit(rr) : false);
+    masked |= is_neg_inf(t) | is_neg_inf(rr);
+    c = c + in.beta[r] * (t - rr);
+  }
+  c = masked ? -INFINITY : c;
+  *bad |= is_bad_logit(c);
+  return c;
+}
+
+Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
+  constexpr int kW = Vec::size();
+  const int64_t nv = n - n % kW;
+  Mask bad = mask_none();
+  Vec max_c(-INFINITY), max_k(-INFINITY), max_r(-INFINITY);
+  const bool has_k = in.knowledge != nullptr;
+  for (int64_t j = 0; j < nv; j += kW) {
+    const Vec x0 = in.ref0 ? Vec::loadu(in.ref0 + j) : Vec(0.0f);
+    Mask neg = is_neg_inf_v(x0);
+    bad = bad | is_bad_v(x0);
+    Vec cv = x0;
+    for (int r = 0; r < in.num_tuned; ++r) {
+      const Vec t = Vec::loadu(in.tuned[r] + j);
+      Vec rr = in.shared_ref ? x0 : Vec(0.0f);
+      if (in.ref[r]) {
+        rr = Vec::loadu(in.ref[r] + j);
+        bad = bad | is_bad_v(rr);
+        neg = neg | is_neg_inf_v(rr);
+      }
+      bad = bad | is_bad_v(t);
+      neg = neg | is_neg_inf_v(t);
+      cv = cv + Vec(in.beta[r]) * (t - rr);
+    }
+    cv = select(neg, Vec(-INFINITY), cv);
+    bad = bad | is_bad_v(cv);
+    cv.store(c + j);
+    max_c = at::vec::maximum(max_c, cv);
+    if (has_k) {
+      const Vec k = Vec::loadu(in.knowledge + j);
+      bad = bad | is_bad_v(k);
+      (k - x0).store(d + j);
+      max_k = at::vec::maximum(max_k, k);
+      max_r = at::vec::maximum(max_r, x0);
+    }
+  }
+  bool bad_tail = false;
+  float mc = -INFINITY, mk = -INFINITY, mr = -INFINITY;
+  for (int64_t j = nv; j < n; ++j) {
+    c[j] = small_policy_scalar(in, j, &bad_tail);
+    mc = std::max(mc, c[j]);
+    if (has_k) {
+      const float k = in.knowledge[j];
+      bad_tail |= is_bad_logit(k);
+      d[j] = k - in.ref0[j];
+      mk = std::max(mk, k);
+      mr = std::max(mr, in.ref0[j]);
+    }
+  }
+  Pass1Result out;
+  out.bad = any(bad) || bad_tail;
+  if (out.bad) return out;  // the row is an error; nothing else is used
+  // No NaN is left, so the maxima are plain maxima.
+  auto hmax = [](Vec v, float m) {
+    alignas(64) float lanes[kW];
+    v.store(lanes);
+    for (int i = 0; i < kW; ++i) m = std::max(m, lanes[i]);
+    return m;
+  };
+  mc = hmax(max_c, mc);
+  mk = hmax(max_k, mk);
+  mr = hmax(max_r, mr);
+  // Sums of exp(x - max). A max of -inf (every lane masked) gives an empty sum.
+  const float oc = mc == -INFINITY ? 0.0f : mc, ok = mk == -INFINITY ? 0.0f : mk, orr = mr == -INFINITY ? 0.0f : mr;
+  Vec sc(0.0f), sk(0.0f), sr(0.0f);
+  const Vec voc(oc), vok(ok), vor(orr);
+  for (int64_t j = 0; j < nv; j += kW) {
+    sc = sc + (Vec::loadu(c + j) - voc).exp_u20();
+    if (has_k) {
+      sk = sk + (Vec::loadu(in.knowledge + j) - vok).exp_u20();
+      sr = sr + (Vec::loadu(in.ref0 + j) - vor).exp_u20();
+    }
+  }
+  auto hsum = [](Vec v) {
+    alignas(64) float lanes[kW];
+    v.store(lanes);
+    float s = 0.0f;
+    for (int i = 0; i < kW; ++i) s += lanes[i];
+    return s;
+  };
+  float tc = hsum(sc), tk = hsum(sk), tr = hsum(sr);
+  for (int64_t j = nv; j < n; ++j) {
+    tc += std::exp(c[j] - oc);
+    if (has_k) {
+      tk += std::exp(in.knowledge[j] - ok);
+      tr += std::exp(in.ref0[j] - orr);
+    }
+  }
+  if (mc != -INFINITY) { out.c.max = mc; out.c.sum = tc; }
+  if (has_k && mk != -INFINITY) { out.k.max = mk; out.k.sum = tk; }
+  if (has_k && mr != -INFINITY) { out.r0.max = mr; out.r0.sum = tr; }
+  return out;
+}
 
 struct Best {
   float value = -INFINITY;
@@ -267,7 +419,7 @@ void for_each_chunk(int64_t num_chunks, bool parallel, const F& fn) {
 inline const float* to_float(const float* src, float* /*buf*/, int64_t /*n*/) { return src; }
 template <typename T>
 const float* to_float(const T* src, float* buf, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(src[j]);
+  at::vec::convert(src, buf, n);
   return buf;
 }
 
@@ -420,69 +572,36 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   float* d = scratch.d.data();
   const bool has_knowledge = in.knowledge != nullptr;
 
-  // Pass 1: logits -> c, d and the three log-sum-exps. Written as simple loops over fp32
-  // arrays so that they vectorise.
-  struct Pass1 { OnlineLse k, r0, c; bool bad = false; };
-  std::vector<Pass1> part1(num_chunks);
+  // Pass 1: logits -> c, d and the three log-sum-exps (pass1_chunk).
+  std::vector<Pass1Result> part1(num_chunks);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, n = std::min(vocab, begin + kChunk) - begin;
-    Pass1& out = part1[chunk];
-    alignas(64) float tuned_buf[kChunk], ref_buf[kChunk];
-    // int32, not bool: a bool array may alias the float arrays and blocks vectorisation.
-    alignas(64) int32_t masked[kChunk];
-    float* cc = c + begin;
-    bool bad = false;
-    // x_R0 is staged in w (free until pass 2): pass 1 reads it twice.
-    const float* ref0 = in.reference ? to_float(in.reference + begin, scratch.w.data() + begin, n) : nullptr;
-    for (int64_t j = 0; j < n; ++j) {
-      const float x = ref0 ? ref0[j] : 0.0f;
-      bad |= is_bad_logit(x);
-      bool m;
-      cc[j] = start_small_policy(x, &m);
-      masked[j] = m;
+    // Inputs of other dtypes are converted chunk by chunk into per-thread buffers.
+    thread_local std::vector<float> staging;
+    const int num_inputs = 2 + 2 * in.num_tuned;
+    if (!std::is_same_v<T, float> && staging.size() < static_cast<size_t>(num_inputs * kChunk)) {
+      staging.resize(num_inputs * kChunk);
     }
+    int slot = 0;
+    auto as_float = [&](const T* src) -> const float* {
+      if (src == nullptr) return nullptr;
+      return to_float(src + begin, staging.data() + kChunk * slot++, n);
+    };
+    Pass1Inputs pin;
+    pin.ref0 = as_float(in.reference);
+    pin.knowledge = as_float(in.knowledge);
+    pin.num_tuned = in.num_tuned;
+    pin.beta = in.beta;
+    pin.tuned.resize(in.num_tuned);
+    pin.ref.resize(in.num_tuned);
     for (int r = 0; r < in.num_tuned; ++r) {
-      const float* t = to_float(in.tuned + r * in.tuned_model_stride + begin, tuned_buf, n);
-      const float beta = in.beta[r];
-      if (!in.reference) {
-        for (int64_t j = 0; j < n; ++j) {
-          bad |= is_bad_logit(t[j]);
-          bool m = masked[j];
-          cc[j] = add_reward_term(cc[j], &m, beta, t[j], 0.0f);
-          masked[j] = m;
-        }
-        continue;
-      }
-      const float* rr = in.reference_model_stride == 0
-          ? ref0 : to_float(in.reference + r * in.reference_model_stride + begin, ref_buf, n);
-      for (int64_t j = 0; j < n; ++j) {
-        bad |= is_bad_logit(t[j]) | is_bad_logit(rr[j]);
-        bool m = masked[j];
-        cc[j] = add_reward_term(cc[j], &m, beta, t[j], rr[j]);
-        masked[j] = m;
-      }
+      pin.tuned[r] = as_float(in.tuned + r * in.tuned_model_stride);
+      // A shared reference (stride 0) is ref0 itself: nullptr here, checked once as ref0.
+      pin.ref[r] = in.reference && in.reference_model_stride != 0
+          ? as_float(in.reference + r * in.reference_model_stride) : nullptr;
     }
-    for (int64_t j = 0; j < n; ++j) {
-      cc[j] = finish_small_policy(cc[j], masked[j]);
-      bad |= is_bad_logit(cc[j]);  // the weighted sum overflowed fp32
-    }
-    out.bad = bad;
-    if (bad) return;
-    out.c = chunk_lse(cc, n);
-    if (has_knowledge) {
-      float* dd = d + begin;
-      const float* k = to_float(in.knowledge + begin, dd, n);
-      for (int64_t j = 0; j < n; ++j) {
-        dd[j] = k[j];
-        bad |= is_bad_logit(k[j]);
-      }
-      out.bad = bad;
-      if (bad) return;
-      out.k = chunk_lse(dd, n);
-      out.r0 = chunk_lse(ref0, n);
-      // d is only read where s is finite, i.e. where x_R0 is finite.
-      for (int64_t j = 0; j < n; ++j) dd[j] -= ref0[j];
-    }
+    pin.shared_ref = in.reference != nullptr && in.reference_model_stride == 0;
+    part1[chunk] = pass1_chunk(pin, n, c + begin, d + begin);
   });
   OnlineLse lse_k, lse_r0, lse_c;
   for (const auto& part : part1) {
