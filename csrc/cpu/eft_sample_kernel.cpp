@@ -170,6 +170,19 @@ inline bool any(Mask m) {
 inline Vec select(Mask m, Vec if_true, Vec if_false) { return Vec::blendv(if_false, if_true, m); }
 #endif
 
+// The truncation set S is a top-p set of exp(s), s = c - lse_c: an upper set in c. Its
+// threshold is found from a histogram of the mass over fixed buckets of c (width 1/8,
+// clamped to [1, kMassBuckets - 1]; monotone in c), built in pass 1 with the exponentials
+// it computes anyway, then resolved exactly among the tokens of the boundary bucket.
+constexpr int kMassBuckets = 2048;
+inline int mass_bucket(float c) {
+  return static_cast<int>(std::min(std::max(c * 8.0f + 1024.0f, 1.0f), static_cast<float>(kMassBuckets - 1)));
+}
+inline at::vec::Vectorized<int32_t> mass_bucket(Vec c) {
+  const Vec v = at::vec::clamp(c * Vec(8.0f) + Vec(1024.0f), Vec(1.0f), Vec(static_cast<float>(kMassBuckets - 1)));
+  return at::vec::convert_to_int_of_same_size(v);
+}
+
 // Pass 1 over one chunk of a row, fp32 inputs (nullptr = absent):
 //   c = x_R0 + sum_r beta_r (x_T[r] - x_R[r]), -inf where any of its logits is -inf,
 //   d = x_K - x_R0 (knowledge given), the log-sum-exps of c, x_K and x_R0, and whether any
@@ -183,6 +196,7 @@ struct Pass1Inputs {
   bool shared_ref = false;               // x_R[r] = x_R0 for every r
   const float* beta = nullptr;
   int num_tuned = 0;
+  float* hist = nullptr;  // kMassBuckets floats: exp(c - chunk max) summed by mass_bucket(c)
 };
 struct Pass1Result { OnlineLse k, r0, c; bool bad = false; };
 
@@ -269,8 +283,19 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   const float oc = mc == -INFINITY ? 0.0f : mc, ok = mk == -INFINITY ? 0.0f : mk, orr = mr == -INFINITY ? 0.0f : mr;
   Vec sc(0.0f), sk(0.0f), sr(0.0f);
   const Vec voc(oc), vok(ok), vor(orr);
+  float* hist = in.hist;
+  if (hist != nullptr) std::fill(hist, hist + kMassBuckets, 0.0f);
   for (int64_t j = 0; j < nv; j += kW) {
-    sc = sc + (Vec::loadu(c + j) - voc).exp_u20();
+    const Vec cv = Vec::loadu(c + j);
+    const Vec e = (cv - voc).exp_u20();
+    sc = sc + e;
+    if (hist != nullptr) {
+      alignas(64) float ew[kW];
+      alignas(64) int32_t bucket[kW];
+      e.store(ew);
+      mass_bucket(cv).store(bucket);
+      for (int i = 0; i < kW; ++i) hist[bucket[i]] += ew[i];
+    }
     if (has_k) {
       sk = sk + (Vec::loadu(in.knowledge + j) - vok).exp_u20();
       sr = sr + (Vec::loadu(in.ref0 + j) - vor).exp_u20();
@@ -285,7 +310,9 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   };
   float tc = hsum(sc), tk = hsum(sk), tr = hsum(sr);
   for (int64_t j = nv; j < n; ++j) {
-    tc += std::exp(c[j] - oc);
+    const float e = std::exp(c[j] - oc);
+    tc += e;
+    if (hist != nullptr) hist[mass_bucket(c[j])] += e;
     if (has_k) {
       tk += std::exp(in.knowledge[j] - ok);
       tr += std::exp(in.ref0[j] - orr);
@@ -547,13 +574,82 @@ class RadixSelect {
   std::vector<std::vector<int64_t>> candidates_;
 };
 
+// The threshold of the truncation set: the largest c value t such that the tokens with
+// c_j >= t hold at least weight_top_p of the mass sum_j exp(c_j) (ties inclusive); -inf
+// when rounding leaves the total short. hist holds pass 1's per-chunk histograms.
+float truncation_threshold(const float* c, int64_t vocab, const float* hist,
+                           const std::vector<Pass1Result>& part1, float c_max, float weight_top_p,
+                           bool parallel) {
+  const int64_t num_chunks = static_cast<int64_t>(part1.size());
+  // Merge the chunk histograms, each relative to its chunk's max, relative to the row max.
+  alignas(64) std::array<float, kMassBuckets> merged{};
+  for (int64_t ch = 0; ch < num_chunks; ++ch) {
+    if (part1[ch].c.max == -INFINITY) continue;
+    const Vec scale(std::exp(part1[ch].c.max - c_max));
+    const float* h = hist + ch * kMassBuckets;
+    for (int b = 0; b < kMassBuckets; b += Vec::size()) {
+      (Vec::loadu(merged.data() + b) + Vec::loadu(h + b) * scale).store(merged.data() + b);
+    }
+  }
+  float total = 0.0f;
+  for (int b = 0; b < kMassBuckets; ++b) total += merged[b];
+  float target = weight_top_p * total;
+  int bucket = -1;
+  float above = 0.0f;
+  for (int b = kMassBuckets - 1; b >= 0; --b) {
+    if (above + merged[b] >= target) { bucket = b; break; }
+    above += merged[b];
+  }
+  if (bucket < 0) return -INFINITY;
+  target -= above;
+  // The boundary bucket's tokens, with their weights exp(c - c_max), then exactly.
+  std::vector<std::vector<std::pair<float, float>>> found(num_chunks);
+  for_each_chunk(num_chunks, parallel, [&](int64_t ch) {
+    const int64_t begin = ch * kChunk, end = std::min(vocab, begin + kChunk);
+    auto& out = found[ch];
+    int64_t j = begin;
+    constexpr int kW = Vec::size();
+    const at::vec::Vectorized<int32_t> want(bucket);
+    for (; j + kW <= end; j += kW) {
+      const Vec cv = Vec::loadu(c + j);
+      const auto eq = mass_bucket(cv) == want;
+      alignas(64) int32_t hit[kW];
+      eq.store(hit);
+      bool any_hit = false;
+      for (int i = 0; i < kW; ++i) any_hit |= hit[i] != 0;
+      if (!any_hit) continue;
+      for (int i = 0; i < kW; ++i) {
+        if (hit[i]) out.emplace_back(c[j + i], 0.0f);
+      }
+    }
+    for (; j < end; ++j) {
+      if (mass_bucket(c[j]) == bucket) out.emplace_back(c[j], 0.0f);
+    }
+  });
+  std::vector<std::pair<float, float>> cand;
+  for (auto& f : found) cand.insert(cand.end(), f.begin(), f.end());
+  if (cand.empty()) return -INFINITY;  // cannot happen: the bucket has mass
+  for (auto& e : cand) e.second = std::exp(e.first - c_max);
+  std::sort(cand.begin(), cand.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  float cum = 0.0f;
+  for (size_t i = 0; i < cand.size();) {
+    const float v = cand[i].first;
+    for (; i < cand.size() && cand[i].first == v; ++i) cum += cand[i].second;
+    if (cum >= target) return v;
+  }
+  return cand.back().first;  // rounding left the bucket short: keep all of it
+}
+
 struct Scratch {
   std::vector<float> c;   // c, then s's successor z
   std::vector<float> d;   // x_K - x_R0
   std::vector<float> w;   // weights for radix select
   std::vector<uint32_t> key;
+  std::vector<float> hist;  // per-chunk mass histograms of pass 1
   RadixSelect radix;
-  explicit Scratch(int64_t vocab) : c(vocab), d(vocab), w(vocab), key(vocab), radix(vocab) {}
+  explicit Scratch(int64_t vocab)
+      : c(vocab), d(vocab), w(vocab), key(vocab),
+        hist(((vocab + kChunk - 1) / kChunk) * kMassBuckets), radix(vocab) {}
 };
 
 struct RowParams {
@@ -572,6 +668,7 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   float* d = scratch.d.data();
   const bool has_knowledge = in.knowledge != nullptr;
 
+  const bool truncate = has_knowledge && p.weight_top_p < 1.0f;
   // Pass 1: logits -> c, d and the three log-sum-exps (pass1_chunk).
   std::vector<Pass1Result> part1(num_chunks);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
@@ -601,6 +698,7 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
           ? as_float(in.reference + r * in.reference_model_stride) : nullptr;
     }
     pin.shared_ref = in.reference != nullptr && in.reference_model_stride == 0;
+    pin.hist = truncate ? scratch.hist.data() + chunk * kMassBuckets : nullptr;
     part1[chunk] = pass1_chunk(pin, n, c + begin, d + begin);
   });
   OnlineLse lse_k, lse_r0, lse_c;
@@ -617,21 +715,10 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   uint32_t* key = scratch.key.data();
   float* w = scratch.w.data();
 
-  // Pass 2: the truncation set S = {key(s_j) >= s_key} at mass weight_top_p.
-  uint32_t s_key = 0;
-  if (has_knowledge && p.weight_top_p < 1.0f) {
-    for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
-      const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
-      for (int64_t j = begin; j < end; ++j) {
-        const float s = c[j] - log_z_c;
-        key[j] = order_key(s);
-        w[j] = s;
-      }
-      at::vec::map([](Vec v) { return v.exp_u20(); }, w + begin, w + begin, end - begin);
-    });
-    s_key = radix.select(key, w, p.weight_top_p, 0u, parallel);
-  }
-  const float s_threshold = threshold_from_key(s_key);
+  // Pass 2: the truncation set S = {c_j >= c_threshold} at mass weight_top_p.
+  const float c_threshold = truncate
+      ? truncation_threshold(c, vocab, scratch.hist.data(), part1, lse_c.max, p.weight_top_p, parallel)
+      : -INFINITY;
 
   // Pass 3: z and its log-sum-exp (z overwrites c).
   const float weight_shift = lse_r0.value() - lse_k.value();
@@ -641,7 +728,7 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     if (has_knowledge) {
       for (int64_t j = begin; j < end; ++j) {
         const float s = c[j] - log_z_c;  // -inf stays -inf
-        c[j] = eft_score(s, s >= s_threshold, d[j], weight_shift);
+        c[j] = eft_score(s, c[j] >= c_threshold, d[j], weight_shift);
       }
     } else {
       for (int64_t j = begin; j < end; ++j) c[j] -= log_z_c;
