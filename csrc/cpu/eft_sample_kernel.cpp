@@ -197,6 +197,15 @@ struct Pass1Inputs {
   const float* beta = nullptr;
   int num_tuned = 0;
   float* hist = nullptr;  // kMassBuckets floats: exp(c - chunk max) summed by mass_bucket(c)
+  // Only tokens with c >= (max of c so far) + hist_offset enter the histogram: the others
+  // lie below the truncation threshold (see truncation_threshold).
+  float hist_offset = 0.0f;
+  float max_before = -INFINITY;  // max of c over the chunks already done (sequential mode)
+  // The next chunk's logits, prefetched while the exponentials of this one are computed
+  // (the first loop waits on memory, the second on arithmetic).
+  static constexpr int kMaxPrefetch = 4;
+  const char* prefetch[kMaxPrefetch] = {};
+  int64_t prefetch_bytes = 0;
 };
 struct Pass1Result { OnlineLse k, r0, c; bool bad = false; };
 
@@ -285,16 +294,32 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   const Vec voc(oc), vok(ok), vor(orr);
   float* hist = in.hist;
   if (hist != nullptr) std::fill(hist, hist + kMassBuckets, 0.0f);
+  const float floor_scalar = std::max(mc, in.max_before) + in.hist_offset;
+  const Vec hist_floor(floor_scalar);
+  int64_t prefetched = 0;
   for (int64_t j = 0; j < nv; j += kW) {
+    if (prefetched < in.prefetch_bytes) {
+      for (int q = 0; q < Pass1Inputs::kMaxPrefetch; ++q) {
+        if (in.prefetch[q] != nullptr) __builtin_prefetch(in.prefetch[q] + prefetched, 0, 2);
+      }
+      prefetched += 64;
+    }
     const Vec cv = Vec::loadu(c + j);
     const Vec e = (cv - voc).exp_u20();
     sc = sc + e;
     if (hist != nullptr) {
-      alignas(64) float ew[kW];
-      alignas(64) int32_t bucket[kW];
-      e.store(ew);
-      mass_bucket(cv).store(bucket);
-      for (int i = 0; i < kW; ++i) hist[bucket[i]] += ew[i];
+      // Lanes at or above the floor; zero_mask has a bit per lane that is 0.0 (false).
+      uint32_t lanes = ~static_cast<uint32_t>((cv >= hist_floor).zero_mask()) & ((1u << kW) - 1u);
+      if (lanes != 0) {
+        alignas(64) float ew[kW];
+        alignas(64) int32_t bucket[kW];
+        e.store(ew);
+        mass_bucket(cv).store(bucket);
+        for (; lanes != 0; lanes &= lanes - 1) {
+          const int i = __builtin_ctz(lanes);
+          hist[bucket[i]] += ew[i];
+        }
+      }
     }
     if (has_k) {
       sk = sk + (Vec::loadu(in.knowledge + j) - vok).exp_u20();
@@ -312,7 +337,7 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   for (int64_t j = nv; j < n; ++j) {
     const float e = std::exp(c[j] - oc);
     tc += e;
-    if (hist != nullptr) hist[mass_bucket(c[j])] += e;
+    if (hist != nullptr && c[j] >= floor_scalar) hist[mass_bucket(c[j])] += e;
     if (has_k) {
       tk += std::exp(in.knowledge[j] - ok);
       tr += std::exp(in.ref0[j] - orr);
@@ -591,8 +616,11 @@ float truncation_threshold(const float* c, int64_t vocab, const float* hist,
       (Vec::loadu(merged.data() + b) + Vec::loadu(h + b) * scale).store(merged.data() + b);
     }
   }
+  // The total mass from the chunk sums (the histogram leaves out the lightest tokens).
   float total = 0.0f;
-  for (int b = 0; b < kMassBuckets; ++b) total += merged[b];
+  for (int64_t ch = 0; ch < num_chunks; ++ch) {
+    if (part1[ch].c.max != -INFINITY) total += part1[ch].c.sum * std::exp(part1[ch].c.max - c_max);
+  }
   float target = weight_top_p * total;
   int bucket = -1;
   float above = 0.0f;
@@ -609,17 +637,15 @@ float truncation_threshold(const float* c, int64_t vocab, const float* hist,
     auto& out = found[ch];
     int64_t j = begin;
     constexpr int kW = Vec::size();
-    const at::vec::Vectorized<int32_t> want(bucket);
+    // mass_bucket(c) == bucket  <=>  bucket <= clamp(8 c + 1024) < bucket + 1 (clamp >= 1).
+    const Vec lo(static_cast<float>(bucket)), hi(static_cast<float>(bucket + 1));
     for (; j + kW <= end; j += kW) {
       const Vec cv = Vec::loadu(c + j);
-      const auto eq = mass_bucket(cv) == want;
-      alignas(64) int32_t hit[kW];
-      eq.store(hit);
-      bool any_hit = false;
-      for (int i = 0; i < kW; ++i) any_hit |= hit[i] != 0;
-      if (!any_hit) continue;
-      for (int i = 0; i < kW; ++i) {
-        if (hit[i]) out.emplace_back(c[j + i], 0.0f);
+      const Vec scaled = at::vec::clamp(cv * Vec(8.0f) + Vec(1024.0f), Vec(1.0f), Vec(static_cast<float>(kMassBuckets - 1)));
+      uint32_t lanes = ~static_cast<uint32_t>(((scaled >= lo) & (scaled < hi)).zero_mask()) & ((1u << kW) - 1u);
+      for (; lanes != 0; lanes &= lanes - 1) {
+        const int i = __builtin_ctz(lanes);
+        if (mass_bucket(c[j + i]) == bucket) out.emplace_back(c[j + i], 0.0f);
       }
     }
     for (; j < end; ++j) {
@@ -669,6 +695,13 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   const bool has_knowledge = in.knowledge != nullptr;
 
   const bool truncate = has_knowledge && p.weight_top_p < 1.0f;
+  // Tokens below max(c) + log((1 - weight_top_p) / V) hold less than 1 - weight_top_p of
+  // the mass (each weighs less than (1 - weight_top_p) / V of the max token), so the
+  // threshold is above them; one more unit of margin covers rounding.
+  const float hist_offset = truncate
+      ? static_cast<float>(std::log((1.0 - static_cast<double>(p.weight_top_p)) / static_cast<double>(vocab)) - 1.0)
+      : 0.0f;
+  float running_max = -INFINITY;  // sequential mode only
   // Pass 1: logits -> c, d and the three log-sum-exps (pass1_chunk).
   std::vector<Pass1Result> part1(num_chunks);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
@@ -699,7 +732,21 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     }
     pin.shared_ref = in.reference != nullptr && in.reference_model_stride == 0;
     pin.hist = truncate ? scratch.hist.data() + chunk * kMassBuckets : nullptr;
+    if (!parallel && begin + kChunk < vocab) {
+      const int64_t next = begin + kChunk;
+      pin.prefetch_bytes = (std::min(vocab, next + kChunk) - next) * static_cast<int64_t>(sizeof(T));
+      int q = 0;
+      auto add = [&](const T* src) {
+        if (src != nullptr && q < Pass1Inputs::kMaxPrefetch) pin.prefetch[q++] = reinterpret_cast<const char*>(src + next);
+      };
+      add(in.reference);
+      add(in.knowledge);
+      for (int r = 0; r < in.num_tuned; ++r) add(in.tuned + r * in.tuned_model_stride);
+    }
+    pin.hist_offset = hist_offset;
+    pin.max_before = parallel ? -INFINITY : running_max;
     part1[chunk] = pass1_chunk(pin, n, c + begin, d + begin);
+    if (!parallel) running_max = std::max(running_max, part1[chunk].c.max);
   });
   OnlineLse lse_k, lse_r0, lse_c;
   for (const auto& part : part1) {
@@ -725,13 +772,25 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   std::vector<OnlineLse> part3(num_chunks);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
-    if (has_knowledge) {
-      for (int64_t j = begin; j < end; ++j) {
-        const float s = c[j] - log_z_c;  // -inf stays -inf
-        c[j] = eft_score(s, c[j] >= c_threshold, d[j], weight_shift);
+    // eft_score, lane by lane: the same operations on vectors.
+    constexpr int kW = Vec::size();
+    const Vec lz(log_z_c), thr(c_threshold), shift(weight_shift), neg_inf(-INFINITY);
+    int64_t j = begin;
+    for (; j + kW <= end; j += kW) {
+      const Vec cv = Vec::loadu(c + j);
+      const Vec sv = cv - lz;  // -inf stays -inf
+      if (has_knowledge) {
+        const Vec dv = Vec::loadu(d + j);
+        const Vec scored = select(is_neg_inf_v(dv), neg_inf, sv + (dv + shift));
+        const Vec use = (cv >= thr) & (sv != neg_inf);
+        Vec::blendv(sv, scored, use).store(c + j);
+      } else {
+        sv.store(c + j);
       }
-    } else {
-      for (int64_t j = begin; j < end; ++j) c[j] -= log_z_c;
+    }
+    for (; j < end; ++j) {
+      const float sj = c[j] - log_z_c;
+      c[j] = has_knowledge ? eft_score(sj, c[j] >= c_threshold, d[j], weight_shift) : sj;
     }
     part3[chunk] = chunk_lse(c + begin, end - begin);
   });
@@ -785,7 +844,11 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   // difference between this scalar noise and the vector noise of the same token.
   float noise_floor = -INFINITY;
   if (!greedy) {
+    // The first token at the max, in the first chunk whose max it is.
     int64_t top = 0;
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+      if (part3[chunk].max == lse_z.max) { top = chunk * kChunk; break; }
+    }
     while (top + 1 < vocab && z[top] != lse_z.max) ++top;
     const float top_value = z[top] / temperature + gumbel_noise(p.seed, static_cast<uint32_t>(top), p.position);
     noise_floor = top_value - 1e-3f * std::max(1.0f, std::fabs(top_value));
