@@ -6,13 +6,17 @@
 //
 // Per row, a fixed number of passes over the vocabulary, each over fp32 scratch that stays
 // in cache:
-//   1. read the logits once: online log-sum-exp of x_K, x_R0 and the unnormalised small
-//      policy c, and keep c and d = x_K - x_R0 in scratch;
-//   2. (weight_top_p < 1) the top-p truncation threshold of exp(s), by radix select over
-//      order-preserving keys (no sort);
-//   3. z = s + [s in S] (d - lse_K + lse_R0) and its log-sum-exp;
-//   4. (top_k / top_p) thresholds on z, again by radix select;
-//   5. Gumbel-max over the allowed tokens; tokens that cannot win skip the Philox call.
+//   1. read the logits once (pass1_chunk, vectorised, lane masks for -inf and NaN/+inf):
+//      c and d = x_K - x_R0 into scratch with the maxima; then, over the cached chunk, the
+//      sums of exp for the log-sum-exps of x_K, x_R0 and c, and (weight_top_p < 1) a mass
+//      histogram over buckets of c, while the next chunk's logits are prefetched;
+//   2. (weight_top_p < 1) the truncation threshold on c: the boundary bucket from the
+//      histogram, then an exact, tie-inclusive cut among that bucket's tokens;
+//   3. z = s + [c >= threshold] (d - lse_K + lse_R0) and its log-sum-exp;
+//   4. (top_k / top_p) thresholds on z, by radix select over order-preserving keys;
+//   5. Gumbel-max over the allowed tokens (gumbel_argmax): a cheap bound on z, then the
+//      Philox words (AVX-512: eight per register) and a per-word bound on the noise, leave
+//      few tokens whose logarithms are taken.
 // The vocabulary is cut into fixed chunks whose partial results are merged in chunk order,
 // so the result does not depend on the thread count. Rows run in parallel; when there are
 // fewer rows than threads, the chunks of one row run in parallel instead.
@@ -475,17 +479,6 @@ const float* to_float(const T* src, float* buf, int64_t n) {
   return buf;
 }
 
-OnlineLse chunk_lse(const float* x, int64_t n) {
-  OnlineLse out;
-  const float mx = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
-  if (mx == -INFINITY) return out;
-  out.max = mx;
-  // exp_u20 (2 ulp) is ample for a normaliser and much faster than Sleef's 1-ulp exp.
-  out.sum = at::vec::map_reduce_all<float>([mx](Vec v) { return (v - Vec(mx)).exp_u20(); },
-                                           [](Vec a, Vec b) { return a + b; }, x, n);
-  return out;
-}
-
 // Folds v[0, n) (token ids offset + i) into best: the largest finite value, lowest index on ties.
 void first_argmax(const float* v, int64_t n, int64_t offset, Best* best) {
   const float mx = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v, n);
@@ -715,7 +708,11 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     int slot = 0;
     auto as_float = [&](const T* src) -> const float* {
       if (src == nullptr) return nullptr;
-      return to_float(src + begin, staging.data() + kChunk * slot++, n);
+      if constexpr (std::is_same_v<T, float>) {
+        return src + begin;
+      } else {
+        return to_float(src + begin, staging.data() + kChunk * slot++, n);
+      }
     };
     Pass1Inputs pin;
     pin.ref0 = as_float(in.reference);
@@ -776,23 +773,37 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     constexpr int kW = Vec::size();
     const Vec lz(log_z_c), thr(c_threshold), shift(weight_shift), neg_inf(-INFINITY);
     int64_t j = begin;
+    Vec vmax(-INFINITY);
     for (; j + kW <= end; j += kW) {
       const Vec cv = Vec::loadu(c + j);
-      const Vec sv = cv - lz;  // -inf stays -inf
+      Vec zv = cv - lz;  // -inf stays -inf
       if (has_knowledge) {
         const Vec dv = Vec::loadu(d + j);
-        const Vec scored = select(is_neg_inf_v(dv), neg_inf, sv + (dv + shift));
-        const Vec use = (cv >= thr) & (sv != neg_inf);
-        Vec::blendv(sv, scored, use).store(c + j);
-      } else {
-        sv.store(c + j);
+        const Vec scored = select(is_neg_inf_v(dv), neg_inf, zv + (dv + shift));
+        const Vec use = (cv >= thr) & (zv != neg_inf);
+        zv = Vec::blendv(zv, scored, use);
       }
+      zv.store(c + j);
+      vmax = at::vec::maximum(vmax, zv);
     }
+    float mx = -INFINITY;
     for (; j < end; ++j) {
       const float sj = c[j] - log_z_c;
       c[j] = has_knowledge ? eft_score(sj, c[j] >= c_threshold, d[j], weight_shift) : sj;
+      mx = std::max(mx, c[j]);
     }
-    part3[chunk] = chunk_lse(c + begin, end - begin);
+    {
+      alignas(64) float lanes[kW];
+      vmax.store(lanes);
+      for (int i = 0; i < kW; ++i) mx = std::max(mx, lanes[i]);
+    }
+    OnlineLse part;
+    if (mx != -INFINITY) {
+      part.max = mx;
+      part.sum = at::vec::map_reduce_all<float>([mx](Vec v) { return (v - Vec(mx)).exp_u20(); },
+                                                [](Vec a, Vec b) { return a + b; }, c + begin, end - begin);
+    }
+    part3[chunk] = part;
   });
   OnlineLse lse_z;
   for (const auto& part : part3) lse_z.merge(part);
