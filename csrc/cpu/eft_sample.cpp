@@ -1,6 +1,9 @@
 // CPU binding of eft_fast::eft_sample: input checks, then the kernel copy for this processor.
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../op_checks.h"
 #include "eft_sample_cpu.h"
 
@@ -9,9 +12,14 @@ namespace {
 
 using KernelFn = void (*)(const EftSampleCpuArgs&);
 
+// The widest copy this processor runs. EFT_FAST_CPU_ISA=default|avx2 caps it (for tests of
+// the narrower copies on wide machines).
 KernelFn select_kernel() {
+  const char* cap = std::getenv("EFT_FAST_CPU_ISA");
+  const std::string isa = cap ? cap : "";
+  if (isa == "default") return &cpu_default::eft_sample_kernel;
 #if defined(__x86_64__) && defined(EFT_FAST_CPU_AVX512)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  if (isa != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     return &cpu_avx512::eft_sample_kernel;
   }
