@@ -45,14 +45,28 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    if not args.op:
-        print("eft-fast bench: only the op benchmark (--op) is available in this version", file=sys.stderr)
-        return 2
-    from .bench.op import format_table, run_op_benchmark, write_json
-
     if args.device == "cuda" and not torch.cuda.is_available():
         print("eft-fast bench: --device cuda needs a GPU", file=sys.stderr)
         return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"eft-fast bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    if args.op:
+        engine_only = [f"--{name}" for name in ("knowledge", "tuned", "reference", "dtype")
+                       if getattr(args, name) is not None]
+        if engine_only:
+            print(f"eft-fast bench: {', '.join(engine_only)} apply to the engine benchmark, not to --op",
+                  file=sys.stderr)
+            return 2
+        return _cmd_bench_op(args)
+    return _cmd_bench_engine(args)
+
+
+def _cmd_bench_op(args) -> int:
+    from .bench.op import format_table, run_op_benchmark, write_json
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"op benchmark on {args.device} ({torch.get_num_threads()} threads)", flush=True)
     results, bandwidth = run_op_benchmark(
         args.device, quick=args.quick,
@@ -61,6 +75,63 @@ def _cmd_bench(args) -> int:
     print(format_table(results))
     path = write_json(results, bandwidth, Path(args.out))
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bench_engine(args) -> int:
+    """Tokens/s of every column (see eft_fast.bench.engine) on the synthetic family or real models."""
+    import time
+    from dataclasses import replace
+
+    from .bench import report
+    from .bench.engine import run_engine_benchmark
+    from .bench.workloads import QUICK_SETTINGS, BenchSettings, real_models, synthetic_models
+    from .engine.loading import parse_dtype
+
+    given = [args.knowledge, args.tuned, args.reference]
+    if any(given) and not all(given):
+        print("eft-fast bench: real models need all of --knowledge, --tuned and --reference", file=sys.stderr)
+        return 2
+    real = all(given)
+    dtype = parse_dtype(args.dtype or ("bfloat16" if real and args.device == "cuda" else "float32"))
+    # One intra-op thread by default on CPU: the models are small, and on a shared machine a
+    # second OpenMP thread spends its time waiting for a busy core. Every column runs with
+    # the same setting, and the JSON records it.
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else torch.get_num_threads())
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        if real:
+            print(f"loading {args.knowledge}, {args.tuned}, {args.reference}", flush=True)
+            models = real_models(args.knowledge, args.tuned, args.reference, dtype, args.device)
+        else:
+            models = synthetic_models(args.quick, dtype, args.device, seed=args.seed)
+        params = models.description["parameters"]
+        print(f"engine benchmark on {args.device} ({threads} threads, {str(dtype).removeprefix('torch.')}): "
+              f"{models.description['kind']} models, knowledge {params['knowledge'] / 1e6:.1f}M, "
+              f"tuned {params['tuned'] / 1e6:.1f}M, reference {params['reference'] / 1e6:.1f}M parameters",
+              flush=True)
+        settings = replace(QUICK_SETTINGS if args.quick else BenchSettings(), seed=args.seed)
+        results = run_engine_benchmark(models, settings, args.device, progress=not args.no_progress)
+        wall = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(saved_threads)
+    data = report.payload(results, models.description, settings, command=args.command_line, device=args.device,
+                          dtype=str(dtype).removeprefix("torch."), threads=threads, wall_s=wall)
+    print(report.format_table(results))
+    print("best exact k: " + ", ".join(f"{r.workload.name}: {r.best_exact_k()}" for r in results) +
+          f"; exact speculative samples identical to eft_fast EFT: {data['identical']}")
+    print("\nwhere the time goes (share of wall time):")
+    print(report.format_breakdown(results))
+    print("\ntargets:")
+    print(report.format_targets(data["targets"]))
+    out = Path(args.out)
+    plot = report.write_plot(results, out, f"{data['command']}  ({args.device}, {threads} threads)")
+    data["plot"] = plot.name if plot is not None else None
+    path = report.write_json(data, out)
+    print(f"wrote {path}" + (f" and {plot}" if plot is not None else
+                             " (no plot: matplotlib is not installed; pip install 'eft_fast[bench]')"))
     return 0
 
 
@@ -83,17 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_parser(sub)
 
-    p_bench = sub.add_parser("bench", help="benchmarks (JSON + table)")
+    p_bench = sub.add_parser(
+        "bench", help="benchmarks (table + JSON): the engine (default) or the fused op (--op)",
+        description="Default: the engine benchmark, tokens/s of EFT decoding (naive loop, eft_fast, speculative "
+                    "EFT) on a synthetic model family built in-process, or on --knowledge/--tuned/--reference.")
     p_bench.add_argument("--op", action="store_true", help="the fused op vs eager torch and the memory floor")
+    p_bench.add_argument("--knowledge", help="engine benchmark on real models: the knowledge model (HF id or path)")
+    p_bench.add_argument("--tuned", help="the tuned model (with --knowledge and --reference)")
+    p_bench.add_argument("--reference", help="the tuned model's base (with --knowledge and --tuned)")
     p_bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p_bench.add_argument("--quick", action="store_true", help="a small grid")
+    p_bench.add_argument("--dtype", default=None,
+                         help="model dtype of the engine benchmark (default: float32; bfloat16 for real models "
+                              "on cuda)")
+    p_bench.add_argument("--threads", type=int, default=None,
+                         help="torch intra-op threads (default: 1 for the engine benchmark on cpu, torch's "
+                              "default otherwise)")
+    p_bench.add_argument("--seed", type=int, default=0, help="seed of the synthetic family and of the requests")
+    p_bench.add_argument("--quick", action="store_true", help="a small grid / a tiny family and short runs")
     p_bench.add_argument("--out", default="eft_bench_out", help="output directory")
+    p_bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_bench.set_defaults(func=_cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["eft-fast", *argv])
     return args.func(args)
 
 
