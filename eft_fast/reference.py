@@ -138,9 +138,11 @@ def tempered_and_allowed(z: torch.Tensor, temperature: torch.Tensor, top_k: torc
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     tempered = z / safe_t
     allowed = ~torch.isneginf(z)
-    allowed &= top_k_mask(z, top_k)
-    restricted = torch.where(allowed, tempered, torch.full_like(tempered, NEG_INF))
-    allowed &= top_p_threshold_mask(masked_log_softmax(restricted), top_p.to(z.dtype))
+    if bool((top_k > 0).any()):        # both filters sort every row: skip them when no row uses them
+        allowed &= top_k_mask(z, top_k)
+    if bool((top_p < 1).any()):
+        restricted = torch.where(allowed, tempered, torch.full_like(tempered, NEG_INF))
+        allowed &= top_p_threshold_mask(masked_log_softmax(restricted), top_p.to(z.dtype))
     allowed = torch.where(greedy[:, None], ~torch.isneginf(z), allowed)
     return tempered, allowed
 
