@@ -77,6 +77,21 @@ def _find_nvrtc(cuda_root, torch):
     return None
 
 
+def _forget_other_environment(build_temp: Path, environment: str) -> None:
+    """Drop the CMake cache when the build environment changed since the last configure.
+
+    The cache records absolute paths of the environment that configured it (ninja, torch);
+    under pip's build isolation those live in a temporary directory that is gone by the next
+    install, and a stale cache then fails to configure. Compiled objects are kept: ninja
+    rebuilds only what the new configuration changes.
+    """
+    stamp = build_temp / "eft_fast_build_environment.txt"
+    if not stamp.exists() or stamp.read_text() != environment:
+        (build_temp / "CMakeCache.txt").unlink(missing_ok=True)
+        shutil.rmtree(build_temp / "CMakeFiles", ignore_errors=True)
+    stamp.write_text(environment)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -94,6 +109,9 @@ class CMakeBuild(build_ext):
         # A persistent build tree makes rebuilds (including editable ones) incremental.
         build_temp = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
         build_temp.mkdir(parents=True, exist_ok=True)
+        ninja = shutil.which("ninja")
+        torch_dir = Path(torch.__file__).resolve().parent
+        _forget_other_environment(build_temp, f"{sys.executable}\n{torch_dir}\n{ninja}\n")
         use_cuda, nvcc = _use_cuda(torch)
         cmake_archs, arch_list = _cuda_archs()
         args = [
@@ -102,12 +120,14 @@ class CMakeBuild(build_ext):
             "-GNinja",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-DEFT_FAST_TORCH_DIR={Path(torch.__file__).resolve().parent}",
+            f"-DEFT_FAST_TORCH_DIR={torch_dir}",
             f"-DEFT_FAST_TORCH_VERSION={torch.__version__.split('+')[0]}",
             f"-DEFT_FAST_OUTPUT_DIR={extdir}",
             f"-DEFT_FAST_CUDA={'ON' if use_cuda else 'OFF'}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
+        if ninja:
+            args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
         env = dict(os.environ)
         if use_cuda:
             cuda_root = str(Path(nvcc).parent.parent)
