@@ -46,6 +46,4 @@ class Decoder:
         """One token per request: every model reads its pending token; one fused sample."""
         logits = {m: self.decode_steps[m].forward([SequenceStep(r.tables[m], r.pending_tokens(m)) for r in requests])
                   for m in range(len(self.runners))}
-        result = self.sample(logits, requests, [r.next_position for r in requests],
-                             draft=self.roles.knowledge is None)
-        return [([int(t)], [float(lp)], int(s)) for t, lp, s in zip(result.tokens, result.logprobs, result.status)]
+        return self.sample(logits, requests, [r.next_position for r in requests]).per_request()

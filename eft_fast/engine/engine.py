@@ -155,10 +155,8 @@ class EFTEngine:
         logits = {}
         for m, runner in enumerate(self.runners):
             logits[m] = runner.forward([SequenceStep(r.tables[m], r.pending_tokens(m)) for r in requests])
-        result = sample(self.roles, logits, requests, [r.next_position for r in requests],
-                        vocab_size=self.models.vocab_size, backend=self.config.backend,
-                        draft=self.roles.knowledge is None)
-        return [([int(t)], [float(lp)], int(s)) for t, lp, s in zip(result.tokens, result.logprobs, result.status)]
+        return sample(self.roles, logits, requests, [r.next_position for r in requests],
+                      vocab_size=self.models.vocab_size, backend=self.config.backend).per_request()
 
     def _append(self, request: Request, tokens: list[int], logprobs: list[float]) -> None:
         """Add generated tokens, stopping at EOS, a stop token, a stop string, max_tokens or

@@ -56,6 +56,10 @@ class SampleResult:
     status: torch.Tensor
     row_logprobs: torch.Tensor | None = None
 
+    def per_request(self) -> list[tuple[list[int], list[float], int]]:
+        """One row per request: ([token], [logprob], status) each, as decode rounds return them."""
+        return [([int(t)], [float(lp)], int(s)) for t, lp, s in zip(self.tokens, self.logprobs, self.status)]
+
 
 def sample(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], positions: list[int], *,
            vocab_size: int, backend: str, draft: bool = False, need_reference: bool = True,

@@ -116,7 +116,7 @@ class SpeculativeDecoder:
             logits[m] = torch.stack(small_logits[m], dim=1).flatten(0, 1)       # [n (k + 1), V]
         rows = [r for r in requests for _ in range(k + 1)]
         positions = [p + i for p in base for i in range(k + 1)]
-        res = self._sample(logits, rows, positions, draft=roles.knowledge is None, return_row_logprobs=rejection)
+        res = self._sample(logits, rows, positions, return_row_logprobs=rejection)
         targets = res.tokens.view(n, k + 1)
         target_logprobs = res.logprobs.view(n, k + 1)
         status = res.status.view(n, k + 1)
