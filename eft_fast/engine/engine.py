@@ -10,6 +10,7 @@ tuned models are reward interpolation; a single model given alone is sampled by 
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Iterable, Iterator, Sequence
@@ -25,8 +26,10 @@ from .outputs import RequestMetrics, RequestOutput, StreamDelta
 from .request import Request, RequestStatus
 from .sampler import sample
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledStep, Scheduler
 from .tokenization import IncrementalDetokenizer, encode_prompt, find_stop
+
+logger = logging.getLogger(__name__)
 
 
 class EFTEngine:
@@ -126,28 +129,56 @@ class EFTEngine:
     # ---- one engine step ---------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
         """Run one scheduled step (a prefill or a decode round); returns what each touched
-        request gained."""
+        request gained.
+
+        A step that raises (a model forward, the sampler, CUDA out of memory, a bug) does not
+        propagate: the exception is logged, the requests of the step end with finish_reason
+        "error" and their blocks are freed (see :meth:`_abort_step`); the others go on.
+        """
         touched, self._failed = self._failed, []
-        scheduled = self.scheduler.schedule()
-        if scheduled is None:
-            if self.scheduler.waiting:   # the head cannot fit even an empty pool (it grew too long)
-                head = self.scheduler.waiting[0]
-                self._fail(head, "the request outgrew the KV pool (raise num_blocks or kv_cache_bytes)")
-            touched, self._failed = touched + self._failed, []
-            return [self._delta(r) for r in touched]
-        if scheduled.kind == "prefill":
-            new_tokens = self._prefill(scheduled.requests)
-        else:
-            new_tokens = self.decoder.decode_round(scheduled.requests)
-        for request, (tokens, logprobs, status) in zip(scheduled.requests, new_tokens):
-            if status:
-                self._fail(request, "sampling failed: NaN or infinite logits" if status == 1
-                           else "sampling failed: every token was masked or filtered")
+        scheduled = None
+        try:
+            scheduled = self.scheduler.schedule()
+            if scheduled is None:
+                if self.scheduler.waiting:   # the head cannot fit even an empty pool (it grew too long)
+                    head = self.scheduler.waiting[0]
+                    self._fail(head, "the request outgrew the KV pool (raise num_blocks or kv_cache_bytes)")
             else:
-                self._append(request, tokens, logprobs)
-        touched += self._failed + [r for r in scheduled.requests if r not in self._failed]
+                if scheduled.kind == "prefill":
+                    new_tokens = self._prefill(scheduled.requests)
+                else:
+                    new_tokens = self.decoder.decode_round(scheduled.requests)
+                for request, (tokens, logprobs, status) in zip(scheduled.requests, new_tokens):
+                    if status:
+                        self._fail(request, "sampling failed: NaN or infinite logits" if status == 1
+                                   else "sampling failed: every token was masked or filtered")
+                    else:
+                        self._append(request, tokens, logprobs)
+        except Exception as exc:
+            self._abort_step(scheduled, exc)
+        stepped = scheduled.requests if scheduled is not None else []
+        touched += self._failed + [r for r in stepped if r not in self._failed]
         self._failed = []
         return [self._delta(r) for r in touched]
+
+    def _abort_step(self, scheduled: ScheduledStep | None, exc: Exception) -> None:
+        """End the requests of a step that raised, freeing their blocks.
+
+        Their K/V and block tables may be half advanced, so they cannot simply be retried.
+        When scheduling itself raised there is no batch: the running requests (every one
+        that holds blocks) end instead, or, with none running, the head of the waiting queue,
+        so that a scheduler that keeps raising still lets ``generate`` finish. The scheduler
+        keeps every request in exactly one of its queues, so the rest stay queued.
+        """
+        if scheduled is not None:
+            victims = [r for r in scheduled.requests if not r.finished]
+        else:
+            victims = list(self.scheduler.running) or list(self.scheduler.waiting)[:1]
+        where = f"{scheduled.kind} step" if scheduled is not None else "scheduler"
+        logger.error("the engine's %s failed; %d request(s) end with an error: %s", where, len(victims),
+                     [r.request_id for r in victims], exc_info=exc)
+        for request in victims:
+            self._fail(request, f"the engine's {where} failed: {type(exc).__name__}: {exc}")
 
     @torch.inference_mode()
     def _prefill(self, requests: list[Request]):

@@ -61,8 +61,10 @@ class RequestOutput:
         text: the detokenised generation, cut before a stop string if one matched.
         logprobs: per generated token, log softmax(z)_y of the untempered EFT distribution (fp32 values).
         finish_reason: "eos" (the end-of-sequence token), "stop" (a stop string or one of
-            ``stop_token_ids``), "length" (max_tokens), or None while unfinished.
+            ``stop_token_ids``), "length" (max_tokens), "error" (see ``error``), or None while
+            unfinished.
         metrics: counts and timings.
+        error: why the request failed (finish_reason "error"), else None.
     """
 
     request_id: str

@@ -83,9 +83,14 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _admit(self) -> list[Request]:
+        """Move waiting requests to running while they fit; returns them (the prefill batch).
+
+        Each moves as soon as its blocks are reserved, so that a request is always in exactly
+        one queue (or finished), even when a step raises halfway.
+        """
         batch: list[Request] = []
         budget = self.config.max_num_batched_tokens
-        while self.waiting and len(self.running) + len(batch) < self.config.max_num_seqs:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             tokens = max(len(request.pending_tokens(m)) for m in range(len(self.runners)))
             if batch and tokens > budget:
@@ -93,7 +98,9 @@ class Scheduler:
             if not self._reserve(request):
                 break
             budget -= tokens
-            batch.append(self.waiting.popleft())
+            self.running.append(self.waiting.popleft())
+            request.status = RequestStatus.RUNNING
+            batch.append(request)
         return batch
 
     def schedule(self) -> ScheduledStep | None:
@@ -104,9 +111,6 @@ class Scheduler:
         """
         batch = self._admit()
         if batch:
-            for request in batch:
-                request.status = RequestStatus.RUNNING
-            self.running.extend(batch)
             return ScheduledStep("prefill", batch)
         if not self.running:
             return None

@@ -1,0 +1,168 @@
+"""A step that raises (model forward, scheduler, CUDA out of memory) ends only the requests of
+that step with finish_reason "error" and frees their KV blocks; waiting and other running
+requests go on unchanged, and the engine stays usable (plain and speculative decoding)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from eft_fast import EFTEngine, SamplingParams
+from engine_helpers import VOCAB, tiny_family
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def family():
+    return tiny_family()
+
+
+def _engine(family, **kw):
+    knowledge, tuned, reference = family
+    return EFTEngine(knowledge=knowledge, tuned=tuned[0], reference=reference, block_size=4, backend="torch", **kw)
+
+
+def _requests(rng, n, max_tokens=8):
+    lengths = torch.randint(1, 10, (n,), generator=rng).tolist()
+    prompts = [torch.randint(0, VOCAB, (m,), generator=rng).tolist() for m in lengths]
+    seeds = torch.randint(0, 2**62, (n,), generator=rng).tolist()
+    temperatures = [0.0, 1.0, 0.7]
+    params = [SamplingParams(max_tokens=max_tokens, seed=s, ignore_eos=True, temperature=temperatures[i % 3])
+              for i, s in enumerate(seeds)]
+    return prompts, params
+
+
+class RaiseOnCall:
+    """Wraps ``fn``; call number ``n`` (1-based; None = every call) raises ``exc`` instead."""
+
+    def __init__(self, fn, n: int | None, exc: Exception):
+        self.fn, self.n, self.exc, self.calls = fn, n, exc, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.n is None or self.calls == self.n:
+            raise self.exc
+        return self.fn(*args, **kwargs)
+
+
+def _break(monkeypatch, engine, role: str, n: int | None, exc: Exception | None = None) -> RaiseOnCall:
+    """Make the ``role`` model's forward raise on its n-th call from now."""
+    model = engine.runners[engine.models.names.index(role)].model
+    hook = RaiseOnCall(model.forward, n, exc if exc is not None else RuntimeError("boom"))
+    monkeypatch.setattr(model, "forward", hook)
+    return hook
+
+
+def _generate(engine, prompts, params, max_steps: int = 500):
+    """``engine.generate``, but a request that never finishes fails the test instead of hanging it."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    for _ in range(max_steps):
+        if all(engine.output(i).finished for i in ids):
+            return [engine.output(i, pop=True) for i in ids]
+        engine.step()
+    raise AssertionError(f"requests still unfinished after {max_steps} steps")
+
+
+def _assert_all_blocks_free(engine):
+    for runner in engine.runners:
+        assert runner.blocks.num_free_blocks == runner.blocks.num_blocks, runner.role
+
+
+def _check(outs, clean, failed: set[int], error: str):
+    for i, (out, ref) in enumerate(zip(outs, clean)):
+        if i in failed:
+            assert out.finish_reason == "error" and error in out.error, (i, out.error)
+            assert out.token_ids == ref.token_ids[:len(out.token_ids)]   # what it had got before was right
+        else:
+            assert out.finish_reason == "length" and out.error is None, (i, out.error)
+            assert out.token_ids == ref.token_ids, i
+
+
+# knowledge forward calls with two requests in flight: 1 = their prefill, 3 = the second decode round
+@pytest.mark.parametrize("call, exc", [(1, RuntimeError("boom")), (3, RuntimeError("boom")),
+                                       (3, torch.OutOfMemoryError("CUDA out of memory"))])
+def test_failed_step_ends_its_requests_and_waiting_ones_run(family, rng, monkeypatch, caplog, call, exc):
+    prompts, params = _requests(rng, 5)
+    clean = _engine(family, max_num_seqs=2).generate(prompts, params)
+    engine = _engine(family, max_num_seqs=2)
+    hook = _break(monkeypatch, engine, "knowledge", call, exc)
+    with caplog.at_level(logging.ERROR, logger="eft_fast.engine.engine"):
+        outs = _generate(engine, prompts, params)
+    assert hook.calls > call
+    _check(outs, clean, failed={0, 1}, error=f"{type(exc).__name__}: {exc}")
+    assert [len(o.token_ids) for o in outs[:2]] == ([0, 0] if call == 1 else [2, 2])
+    assert any(r.exc_info and r.exc_info[1] is exc for r in caplog.records)   # logged with its traceback
+    _assert_all_blocks_free(engine)
+    assert not engine.has_unfinished()
+    # the engine stays usable: everything again, now without the failure
+    monkeypatch.undo()
+    again = engine.generate(prompts, params)
+    assert [o.token_ids for o in again] == [o.token_ids for o in clean]
+    _assert_all_blocks_free(engine)
+
+
+def test_running_requests_outside_the_failed_step_go_on(family, rng, monkeypatch):
+    (a, b), (pa, pb) = _requests(rng, 2, max_tokens=10)
+    clean_a = _engine(family).generate([a], pa)[0].token_ids
+    engine = _engine(family)
+    ia = engine.add_request(a, pa)
+    engine.step()
+    engine.step()                                  # a is running, two tokens in
+    ib = engine.add_request(b, pb)
+    _break(monkeypatch, engine, "tuned", 1)        # b's prefill (prefill goes first) raises
+    deltas = {d.request_id: d for d in engine.step()}
+    assert list(deltas) == [ib]
+    assert deltas[ib].finished and deltas[ib].finish_reason == "error" and deltas[ib].token_ids == []
+    assert engine.output(ib).error == "the engine's prefill step failed: RuntimeError: boom"
+    assert all(r.tables[m].blocks == [] for r in [engine._requests[ib]] for m in range(len(engine.runners)))
+    for _ in range(100):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    assert engine.output(ia).token_ids == clean_a and engine.output(ia).finish_reason == "length"
+    _assert_all_blocks_free(engine)
+
+
+def test_a_model_that_always_raises_still_lets_generate_return(family, rng, monkeypatch):
+    prompts, params = _requests(rng, 4)
+    engine = _engine(family, max_num_seqs=2)
+    _break(monkeypatch, engine, "reference", None)
+    outs = _generate(engine, prompts, params)
+    assert all(o.finish_reason == "error" and "RuntimeError: boom" in o.error for o in outs)
+    _assert_all_blocks_free(engine)
+    monkeypatch.undo()
+    assert engine.generate(prompts[:1], params[0])[0].finish_reason == "length"
+
+
+# _reserve calls with two requests in flight: 1, 2 admit them (the first, then the second), 3 the decode round
+@pytest.mark.parametrize("call, failed", [(1, {0}), (2, {0}), (3, {0, 1})])
+def test_scheduler_failure_ends_the_running_requests_or_the_head(family, rng, monkeypatch, call, failed):
+    prompts, params = _requests(rng, 4)
+    clean = _engine(family, max_num_seqs=2).generate(prompts, params)
+    engine = _engine(family, max_num_seqs=2)
+    monkeypatch.setattr(engine.scheduler, "_reserve",
+                        RaiseOnCall(engine.scheduler._reserve, call, AssertionError("can_hold and ensure disagree")))
+    outs = _generate(engine, prompts, params)
+    _check(outs, clean, failed, error="the engine's scheduler failed: AssertionError: can_hold and ensure disagree")
+    _assert_all_blocks_free(engine)
+
+
+# speculative k=3, knowledge calls: 1 = prefill, 2 = first verify; tuned (a draft model)
+# calls: 1 = prefill, 2 and 3 = the first two draft steps, so 3 fails with a draft half written
+@pytest.mark.parametrize("accept", ["exact", "rejection"])
+@pytest.mark.parametrize("role, call", [("knowledge", 2), ("tuned", 3)])
+def test_failed_speculative_round(family, rng, monkeypatch, accept, role, call):
+    prompts, params = _requests(rng, 4, max_tokens=10)
+    clean = _engine(family, max_num_seqs=2, speculative_k=3, accept=accept).generate(prompts, params)
+    engine = _engine(family, max_num_seqs=2, speculative_k=3, accept=accept)
+    _break(monkeypatch, engine, role, call)
+    outs = _generate(engine, prompts, params)
+    _check(outs, clean, failed={0, 1}, error="the engine's decode step failed: RuntimeError: boom")
+    assert [len(o.token_ids) for o in outs[:2]] == [1, 1]       # the prefill's token only
+    _assert_all_blocks_free(engine)
+    monkeypatch.undo()
+    again = engine.generate(prompts, params)
+    assert [o.token_ids for o in again] == [o.token_ids for o in clean]
+    _assert_all_blocks_free(engine)
