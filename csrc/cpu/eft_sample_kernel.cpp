@@ -4,19 +4,22 @@
 // namespace of each copy and CPU_CAPABILITY_* selects at::vec's vector width.
 // csrc/cpu/eft_sample.cpp checks the inputs and picks the copy the processor supports.
 //
-// Per row, a fixed number of passes over the vocabulary, each over fp32 scratch that stays
-// in cache:
-//   1. read the logits once (pass1_chunk, vectorised, lane masks for -inf and NaN/+inf):
-//      c and d = x_K - x_R0 into scratch with the maxima; then, over the cached chunk, the
-//      sums of exp for the log-sum-exps of x_K, x_R0 and c, and (weight_top_p < 1) a mass
-//      histogram over buckets of c, while the next chunk's logits are prefetched;
-//   2. (weight_top_p < 1) the truncation threshold on c: the boundary bucket from the
-//      histogram, then an exact, tie-inclusive cut among that bucket's tokens;
-//   3. z = s + [c >= threshold] (d - lse_K + lse_R0) and its log-sum-exp;
-//   4. (top_k / top_p) thresholds on z, by radix select over order-preserving keys;
-//   5. Gumbel-max over the allowed tokens (gumbel_argmax): a cheap bound on z, then the
-//      Philox words (AVX-512: eight per register) and a per-word bound on the noise, leave
-//      few tokens whose logarithms are taken.
+// Per row, two passes over the vocabulary: the logits are read once, and the second pass
+// reads pass 1's fp32 scratch (c and d); the truncation works on a short candidate list.
+//   1. pass1_chunk, vectorised, lane masks for -inf and NaN/+inf: c and d = x_K - x_R0 into
+//      scratch with the maxima; then, over the cached chunk while the next chunk's logits
+//      are prefetched, the sums of exponentials the row needs: without weight truncation
+//      z = c + d up to a constant of the row, so only the log-sum-exp of c + d; with it,
+//      those of c, x_K and x_R0, and the tokens above a floor under the truncation
+//      threshold as candidates (token, c, d);
+//   -  (weight_top_p < 1, truncate_row) the threshold, by a weighted selection among the
+//      candidates, and the log-sum-exp of z from the candidates and the floor's mass;
+//   -  (top_k / top_p) z into scratch and thresholds on it, by radix select over
+//      order-preserving keys;
+//   2. Gumbel-max over the allowed tokens (gumbel_argmax), z computed from the scratch as
+//      it is read (Scores): a cheap bound on z, then the Philox words (AVX-512: eight per
+//      register) and a per-word bound on the noise, leave few tokens whose logarithms are
+//      taken.
 // The vocabulary is cut into fixed chunks whose partial results are merged in chunk order,
 // so the result does not depend on the thread count. Rows run in parallel; when there are
 // fewer rows than threads, the chunks of one row run in parallel instead.
@@ -399,36 +402,58 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   Mask bad = mask_none();
   Vec max_c(-INFINITY), max_k(-INFINITY), max_r(-INFINITY), max_cd(-INFINITY);
   const bool has_k = in.knowledge != nullptr;
-  for (int64_t j = 0; j < nv; j += kW) {
-    const Vec x0 = in.ref0 ? Vec::loadu(in.ref0 + j) : Vec(0.0f);
-    Mask neg = is_neg_inf_v(x0);
-    bad = bad | is_bad_v(x0);
-    Vec cv = x0;
-    for (int r = 0; r < in.num_tuned; ++r) {
-      const Vec t = Vec::loadu(in.tuned[r] + j);
-      Vec rr = in.shared_ref ? x0 : Vec(0.0f);
-      if (in.ref[r]) {
-        rr = Vec::loadu(in.ref[r] + j);
-        bad = bad | is_bad_v(rr);
-        neg = neg | is_neg_inf_v(rr);
+  // The common case, one tuned model on the shared reference (or none), has its own copy
+  // of the loop with every pointer in a register; it computes the same c.
+  auto first_loop = [&](auto one_tuned) {
+    constexpr bool kOneTuned = decltype(one_tuned)::value;
+    const float* ref0 = in.ref0;
+    const float* tuned0 = in.tuned[0];
+    const float* knowledge = in.knowledge;
+    const Vec beta0(in.beta[0]);
+    for (int64_t j = 0; j < nv; j += kW) {
+      const Vec x0 = ref0 ? Vec::loadu(ref0 + j) : Vec(0.0f);
+      Mask neg = is_neg_inf_v(x0);
+      bad = bad | is_bad_v(x0);
+      Vec cv = x0;
+      if constexpr (kOneTuned) {
+        const Vec t = Vec::loadu(tuned0 + j);
+        bad = bad | is_bad_v(t);
+        neg = neg | is_neg_inf_v(t);
+        cv = cv + beta0 * (t - x0);
+      } else {
+        for (int r = 0; r < in.num_tuned; ++r) {
+          const Vec t = Vec::loadu(in.tuned[r] + j);
+          Vec rr = in.shared_ref ? x0 : Vec(0.0f);
+          if (in.ref[r]) {
+            rr = Vec::loadu(in.ref[r] + j);
+            bad = bad | is_bad_v(rr);
+            neg = neg | is_neg_inf_v(rr);
+          }
+          bad = bad | is_bad_v(t);
+          neg = neg | is_neg_inf_v(t);
+          cv = cv + Vec(in.beta[r]) * (t - rr);
+        }
       }
-      bad = bad | is_bad_v(t);
-      neg = neg | is_neg_inf_v(t);
-      cv = cv + Vec(in.beta[r]) * (t - rr);
+      cv = select(neg, Vec(-INFINITY), cv);
+      bad = bad | is_bad_v(cv);
+      cv.store(c + j);
+      max_c = at::vec::maximum(max_c, cv);
+      if (knowledge != nullptr) {
+        const Vec k = Vec::loadu(knowledge + j);
+        bad = bad | is_bad_v(k);
+        const Vec dv = k - x0;
+        dv.store(d + j);
+        max_k = at::vec::maximum(max_k, k);
+        max_r = at::vec::maximum(max_r, x0);
+        max_cd = at::vec::maximum(max_cd, masked_sum(cv, dv));
+      }
     }
-    cv = select(neg, Vec(-INFINITY), cv);
-    bad = bad | is_bad_v(cv);
-    cv.store(c + j);
-    max_c = at::vec::maximum(max_c, cv);
-    if (has_k) {
-      const Vec k = Vec::loadu(in.knowledge + j);
-      bad = bad | is_bad_v(k);
-      const Vec dv = k - x0;
-      dv.store(d + j);
-      max_k = at::vec::maximum(max_k, k);
-      max_r = at::vec::maximum(max_r, x0);
-      max_cd = at::vec::maximum(max_cd, masked_sum(cv, dv));
-    }
+  };
+  // x_R[0] is x_R0 (shared) or 0 (no reference): the tuned model's reference is x0.
+  if (in.num_tuned == 1 && in.ref[0] == nullptr && (in.shared_ref || in.ref0 == nullptr)) {
+    first_loop(std::true_type{});
+  } else {
+    first_loop(std::false_type{});
   }
   bool bad_tail = false;
   float mc = -INFINITY, mk = -INFINITY, mr = -INFINITY, mcd = -INFINITY;
@@ -458,12 +483,16 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   Vec sc(0.0f), sk(0.0f), sr(0.0f), scd(0.0f);
   const Vec voc(oc), vok(ok), vor(orr), vocd(ocd);
   const float floor_scalar = candidate_floor(mc, in.log_mass_before, in.cand_offset);
+  const char* prefetch[Pass1Inputs::kMaxPrefetch];
+  int num_prefetch = 0;
+  for (const char* p : in.prefetch) {
+    if (p != nullptr) prefetch[num_prefetch++] = p;
+  }
   int64_t prefetched = 0;
+  const int64_t prefetch_bytes = in.prefetch_bytes;
   auto prefetch_next = [&] {
-    if (prefetched >= in.prefetch_bytes) return;
-    for (int q = 0; q < Pass1Inputs::kMaxPrefetch; ++q) {
-      if (in.prefetch[q] != nullptr) __builtin_prefetch(in.prefetch[q] + prefetched, 0, 2);
-    }
+    if (prefetched >= prefetch_bytes) return;
+    for (int q = 0; q < num_prefetch; ++q) __builtin_prefetch(prefetch[q] + prefetched, 0, 2);
     prefetched += 64;
   };
   float tc = 0.0f, tk = 0.0f, tr = 0.0f, tcd = 0.0f, tbelow = 0.0f;
