@@ -11,12 +11,12 @@ from eft_fast._validation import normalize_inputs
 from eft_fast.ops import run_backend
 
 CONFIGS = {
-    "draft (tuned only), greedy: pass 1 + pass 3 + argmax": dict(knowledge=False, reference=False, temperature=0.0),
+    "draft (tuned only), greedy: pass 1 + argmax": dict(knowledge=False, reference=False, temperature=0.0),
     "EFT, greedy: + knowledge and reference rows": dict(temperature=0.0),
-    "EFT, greedy, weight_top_p=0.9: + weight truncation": dict(temperature=0.0, weight_top_p=0.9),
+    "EFT, greedy, weight_top_p=0.9: + weight truncation (3 sums, candidates)": dict(temperature=0.0, weight_top_p=0.9),
     "EFT, T=1: + Gumbel noise": dict(temperature=1.0),
     "EFT, T=1, weight_top_p=0.9": dict(temperature=1.0, weight_top_p=0.9),
-    "EFT, T=1, top_k=50, top_p=0.9: noise only for allowed tokens": dict(temperature=1.0, top_k=50, top_p=0.9),
+    "EFT, T=1, top_k=50, top_p=0.9: + z in memory, radix selects": dict(temperature=1.0, top_k=50, top_p=0.9),
 }
 
 

@@ -65,6 +65,57 @@ def test_vocab_split_path_matches_row_path(rng):
         assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()))
 
 
+def _fixed_inputs(rng, logits, *, weight_top_p, temperature=1.0):
+    """Canonical inputs from [3, B, V] logits (knowledge, tuned, reference), one setting for all rows."""
+    batch = logits.shape[1]
+    return normalize_inputs(
+        logits[0], logits[1], logits[2],
+        torch.randint(-(2**62), 2**62, (batch,), generator=rng), torch.randint(0, 2**32, (batch,), generator=rng),
+        temperature=temperature, weight_top_p=weight_top_p)
+
+
+TRUNCATION_CASES = {
+    # Integer logits: many tokens share the threshold value (ties are all in S or all out).
+    "ties": lambda rng, b, v: torch.randint(-4, 5, (3, b, v), generator=rng).float(),
+    # Every token equal: S is the whole row.
+    "flat": lambda rng, b, v: torch.zeros(3, b, v),
+    # Real-LM-like spread: most tokens far below the max, few candidates.
+    "peaked": lambda rng, b, v: torch.randn(3, b, v, generator=rng) * 12,
+    # Wide enough that a large share of the row is within the candidate floor.
+    "wide": lambda rng, b, v: torch.randn(3, b, v, generator=rng) * 4,
+    # Half the row masked.
+    "masked": lambda rng, b, v: torch.where(torch.rand(3, b, v, generator=rng) < 0.5, float("-inf"),
+                                            torch.randn(3, b, v, generator=rng) * 3),
+}
+
+
+@pytest.mark.parametrize("weight_top_p", [0.5, 0.9, 0.999, float(torch.tensor(1 - 2**-24))])
+@pytest.mark.parametrize("case", list(TRUNCATION_CASES))
+def test_weight_truncation_cases_match_reference(rng, case, weight_top_p):
+    # The truncation set comes from a candidate selection: ties, whole-row sets, few or many
+    # candidates, masked tokens, and weight_top_p next to 1 (where rounding can leave the
+    # candidates' mass short of the target, and S becomes every token).
+    inputs = _fixed_inputs(rng, TRUNCATION_CASES[case](rng, 8, 20011), weight_top_p=weight_top_p)
+    assert_backend_matches(inputs, run_backend(inputs, "cpu", True), check_rows=True)
+
+
+@pytest.mark.parametrize("weight_top_p", [1.0, 0.9])
+def test_vocab_split_truncation_is_bit_identical(rng, weight_top_p):
+    # With truncation the split of the tokens into candidates happens inside pass 1 on one
+    # thread and after it when the vocabulary is split: the bits must not change.
+    inputs = _fixed_inputs(rng, torch.randn(3, 1, 70001, generator=rng) * 4, weight_top_p=weight_top_p)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = run_backend(inputs, "cpu", True)
+        torch.set_num_threads(1)
+        serial = run_backend(inputs, "cpu", True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(split, serial):
+        assert torch.equal(a, b)
+
+
 def test_batch_invariance(rng):
     inputs = random_inputs(rng, batch=8, vocab=3000)
     base = run_backend(inputs, "cpu", False)

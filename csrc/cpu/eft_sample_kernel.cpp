@@ -4,19 +4,22 @@
 // namespace of each copy and CPU_CAPABILITY_* selects at::vec's vector width.
 // csrc/cpu/eft_sample.cpp checks the inputs and picks the copy the processor supports.
 //
-// Per row, a fixed number of passes over the vocabulary, each over fp32 scratch that stays
-// in cache:
-//   1. read the logits once (pass1_chunk, vectorised, lane masks for -inf and NaN/+inf):
-//      c and d = x_K - x_R0 into scratch with the maxima; then, over the cached chunk, the
-//      sums of exp for the log-sum-exps of x_K, x_R0 and c, and (weight_top_p < 1) a mass
-//      histogram over buckets of c, while the next chunk's logits are prefetched;
-//   2. (weight_top_p < 1) the truncation threshold on c: the boundary bucket from the
-//      histogram, then an exact, tie-inclusive cut among that bucket's tokens;
-//   3. z = s + [c >= threshold] (d - lse_K + lse_R0) and its log-sum-exp;
-//   4. (top_k / top_p) thresholds on z, by radix select over order-preserving keys;
-//   5. Gumbel-max over the allowed tokens (gumbel_argmax): a cheap bound on z, then the
-//      Philox words (AVX-512: eight per register) and a per-word bound on the noise, leave
-//      few tokens whose logarithms are taken.
+// Per row, two passes over the vocabulary: the logits are read once, and the second pass
+// reads pass 1's fp32 scratch (c and d); the truncation works on a short candidate list.
+//   1. pass1_chunk, vectorised, lane masks for -inf and NaN/+inf: c and d = x_K - x_R0 into
+//      scratch with the maxima; then, over the cached chunk while the next chunk's logits
+//      are prefetched, the sums of exponentials the row needs: without weight truncation
+//      z = c + d up to a constant of the row, so only the log-sum-exp of c + d; with it,
+//      those of c, x_K and x_R0, and the tokens above a floor under the truncation
+//      threshold as candidates (token, c, d);
+//   -  (weight_top_p < 1, truncate_row) the threshold, by a weighted selection among the
+//      candidates, and the log-sum-exp of z from the candidates and the floor's mass;
+//   -  (top_k / top_p) z into scratch and thresholds on it, by radix select over
+//      order-preserving keys;
+//   2. Gumbel-max over the allowed tokens (gumbel_argmax), z computed from the scratch as
+//      it is read (Scores): a cheap bound on z, then the Philox words (AVX-512: eight per
+//      register) and a per-word bound on the noise, leave few tokens whose logarithms are
+//      taken.
 // The vocabulary is cut into fixed chunks whose partial results are merged in chunk order,
 // so the result does not depend on the thread count. Rows run in parallel; when there are
 // fewer rows than threads, the chunks of one row run in parallel instead.
@@ -29,6 +32,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -45,6 +51,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 8192;  // vocabulary chunk: the unit of parallel work and of merging
+constexpr int64_t kChunkRoom = kChunk + 64;  // a chunk's region of candidate buffers (whole-vector stores)
 
 // Radix select digits over the 32-bit keys: 11 + 11 + 10 bits.
 constexpr int kDigitBits[3] = {11, 11, 10};
@@ -174,24 +181,169 @@ inline bool any(Mask m) {
 inline Vec select(Mask m, Vec if_true, Vec if_false) { return Vec::blendv(if_false, if_true, m); }
 #endif
 
-// The truncation set S is a top-p set of exp(s), s = c - lse_c: an upper set in c. Its
-// threshold is found from a histogram of the mass over fixed buckets of c (width 1/8,
-// clamped to [1, kMassBuckets - 1]; monotone in c), built in pass 1 with the exponentials
-// it computes anyway, then resolved exactly among the tokens of the boundary bucket.
-constexpr int kMassBuckets = 2048;
-inline int mass_bucket(float c) {
-  return static_cast<int>(std::min(std::max(c * 8.0f + 1024.0f, 1.0f), static_cast<float>(kMassBuckets - 1)));
+// exp(x) for x <= 0 (the shifted arguments of sums of exponentials), 0 for x < -87 (and
+// -inf). AVX-512: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial
+// (relative error below 1e-7), times 2^n by vscalefps; inlined, so that the exponentials of
+// one loop interleave. Elsewhere at::vec's exp_u20.
+#if defined(CPU_CAPABILITY_AVX512)
+__attribute__((always_inline)) inline Vec exp_nonpositive(Vec x) {
+  const __m512 lowest = _mm512_set1_ps(-87.0f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
+  const __m512 v = _mm512_max_ps(x, lowest);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);   // ln2, high part (exact n * hi)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);      // ln2, low part
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
-inline at::vec::Vectorized<int32_t> mass_bucket(Vec c) {
-  const Vec v = at::vec::clamp(c * Vec(8.0f) + Vec(1024.0f), Vec(1.0f), Vec(static_cast<float>(kMassBuckets - 1)));
-  return at::vec::convert_to_int_of_same_size(v);
+#else
+inline Vec exp_nonpositive(Vec x) { return x.exp_u20(); }
+#endif
+
+// Bits of the lanes that are set, lane i at bit i.
+#if defined(CPU_CAPABILITY_AVX512)
+inline Mask ge(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+inline Mask lt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+inline Mask eq(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+inline Mask mask_and(Mask a, Mask b) { return a & b; }
+inline Mask mask_andnot(Mask a, Mask b) { return a & static_cast<Mask>(~b); }  // a and not b
+inline uint32_t mask_bits(Mask m) { return m; }
+#else
+inline Mask ge(Vec a, Vec b) { return a >= b; }
+inline Mask lt(Vec a, Vec b) { return a < b; }
+inline Mask eq(Vec a, Vec b) { return a == b; }
+inline Mask mask_and(Mask a, Mask b) { return a & b; }
+inline Mask mask_andnot(Mask a, Mask b) { return Vec::blendv(a, Vec(0.0f), b); }
+inline uint32_t mask_bits(Mask m) {
+  // zero_mask has a bit per lane that is 0.0: the lanes that are false.
+  return ~static_cast<uint32_t>(m.zero_mask()) & ((1u << Vec::size()) - 1u);
+}
+#endif
+
+// Appends the lanes set in bits, in lane order, to out; returns how many. The compress_store
+// functions write a whole vector at out (lanes past the count are garbage), so out needs
+// Vec::size() elements of room; in place (out <= the source position) is fine. (The
+// compress-to-memory instruction is microcoded and slow on some processors.)
+template <typename U>
+inline int compress_lanes(uint32_t bits, const U* lanes, U* out) {
+  int n = 0;
+  for (; bits != 0; bits &= bits - 1) out[n++] = lanes[__builtin_ctz(bits)];
+  return n;
+}
+inline int compress_store(Mask m, Vec v, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_storeu_ps(out, _mm512_maskz_compress_ps(m, v));
+  return __builtin_popcount(m);
+#else
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  return compress_lanes(mask_bits(m), lanes, out);
+#endif
+}
+// 32-bit integers src[0, Vec::size()) of the lanes set in m.
+inline int compress_store_i32(Mask m, const int32_t* src, int32_t* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(m, _mm512_loadu_si512(src)));
+  return __builtin_popcount(m);
+#else
+  return compress_lanes(mask_bits(m), src, out);
+#endif
+}
+// Token ids first, first + 1, ... of the lanes set in m.
+inline int compress_store_ids(Mask m, int32_t first, int32_t* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(first),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(m, ids));
+  return __builtin_popcount(m);
+#else
+  int n = 0;
+  for (uint32_t bits = mask_bits(m); bits != 0; bits &= bits - 1) out[n++] = first + __builtin_ctz(bits);
+  return n;
+#endif
+}
+
+// c + d of a token with the masking of eft_score: -inf where c is -inf (d may then be
+// +inf or NaN: x_R0 = -inf).
+inline Vec masked_sum(Vec c, Vec d) { return select(is_neg_inf_v(c), Vec(-INFINITY), c + d); }
+inline float masked_sum(float c, float d) { return c == -INFINITY ? -INFINITY : c + d; }
+
+inline float horizontal_max(Vec v, float m) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  for (int i = 0; i < Vec::size(); ++i) m = std::max(m, lanes[i]);
+  return m;
+}
+inline float horizontal_sum(Vec v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// Truncation: the split of one chunk's tokens at the candidate floor. The candidates
+// (token, c, d) go to the chunk's region of the candidate buffers; of the others only
+// sum exp(c - max c of the chunk) is kept. Pass 1 splits while it sums exponentials
+// (sequential mode); split_chunk does it afterwards (parallel mode), with the same
+// operations in the same order, so both give the same bits.
+struct CandidateSplit {
+  float floor;
+  int32_t first_token;  // token id of element 0
+  int32_t* token;
+  float* cand_c;
+  float* cand_d;
+  Vec below_v = Vec(0.0f);
+  float below_tail = 0.0f;
+  int32_t count = 0;
+
+  // Elements j .. j + Vec::size() - 1, e = exp(c - max).
+  void block(int64_t j, Vec cv, Vec e, const float* d) {
+    const Mask is_cand = ge(cv, Vec(floor));
+    below_v = below_v + select(is_cand, Vec(0.0f), e);
+    if (mask_bits(is_cand) == 0) return;
+    compress_store(is_cand, cv, cand_c + count);
+    compress_store(is_cand, Vec::loadu(d + j), cand_d + count);
+    count += compress_store_ids(is_cand, first_token + static_cast<int32_t>(j), token + count);
+  }
+  void one(int64_t j, float c, float e, float d) {
+    if (c >= floor) {
+      cand_c[count] = c;
+      cand_d[count] = d;
+      token[count++] = first_token + static_cast<int32_t>(j);
+    } else {
+      below_tail += e;
+    }
+  }
+  float below() const { return horizontal_sum(below_v) + below_tail; }
+};
+
+// Candidates need c >= max(max c of the chunk, log-sum-exp of c over the chunks before it)
+// + offset (see sample_row); a masked c (-inf) never is one.
+inline float candidate_floor(float chunk_max, float log_mass_before, float offset) {
+  return std::max(std::max(chunk_max, log_mass_before) + offset, -std::numeric_limits<float>::max());
 }
 
 // Pass 1 over one chunk of a row, fp32 inputs (nullptr = absent):
 //   c = x_R0 + sum_r beta_r (x_T[r] - x_R[r]), -inf where any of its logits is -inf,
-//   d = x_K - x_R0 (knowledge given), the log-sum-exps of c, x_K and x_R0, and whether any
-//   logit is NaN or +inf or c overflowed. One pass computes c, d, the maxima and the checks;
-//   a second pass over the (cached) chunk sums the exponentials.
+//   d = x_K - x_R0 (knowledge given), the maxima, and whether any logit is NaN or +inf or c
+//   overflowed, in one loop; then, over the (cached) chunk, the sums of exponentials that
+//   the row needs, which depend on the mode:
+//   - draft mode (no knowledge model): z = s = c - lse_c, so the log-sum-exp of c;
+//   - no truncation (weight_top_p = 1): z = c + d + (a constant of the row), so the
+//     log-sum-exp of c + d, and nothing else (the constant cancels in sampling and in
+//     log softmax(z));
+//   - truncation: the log-sum-exps of c (the mass that weight_top_p cuts), x_K and x_R0
+//     (the shift of z inside S), and the split of the tokens at a floor below the
+//     truncation threshold: those above are candidates for S, kept as (token, c, d); of
+//     those below only the mass sum exp(c) is kept.
 struct Pass1Inputs {
   const float* ref0 = nullptr;       // x_R0; nullptr: draft mode without reference (x_R0 = 0)
   const float* knowledge = nullptr;  // x_K
@@ -200,18 +352,31 @@ struct Pass1Inputs {
   bool shared_ref = false;               // x_R[r] = x_R0 for every r
   const float* beta = nullptr;
   int num_tuned = 0;
-  float* hist = nullptr;  // kMassBuckets floats: exp(c - chunk max) summed by mass_bucket(c)
-  // Only tokens with c >= (max of c so far) + hist_offset enter the histogram: the others
-  // lie below the truncation threshold (see truncation_threshold).
-  float hist_offset = 0.0f;
-  float max_before = -INFINITY;  // max of c over the chunks already done (sequential mode)
+  int32_t first_token = 0;  // token id of element 0
+  // Truncation: the sums of exp(c), exp(x_K) and exp(x_R0), and (split) the split of the
+  // tokens into candidates for S and the others (CandidateSplit).
+  bool truncate = false;
+  bool split = false;
+  float cand_offset = 0.0f;
+  // Log-sum-exp of c over the chunks already done (sequential mode): the mass of the row is
+  // at least that much, so candidates need c >= max(it, max c of the chunk) + cand_offset.
+  float log_mass_before = -INFINITY;
+  int32_t* cand_token = nullptr;
+  float* cand_c = nullptr;
+  float* cand_d = nullptr;
   // The next chunk's logits, prefetched while the exponentials of this one are computed
   // (the first loop waits on memory, the second on arithmetic).
   static constexpr int kMaxPrefetch = 4;
   const char* prefetch[kMaxPrefetch] = {};
   int64_t prefetch_bytes = 0;
 };
-struct Pass1Result { OnlineLse k, r0, c; bool bad = false; };
+struct Pass1Result {
+  OnlineLse k, r0, c;
+  OnlineLse cd;                // c + d (knowledge given, no truncation)
+  float below = 0.0f;          // truncation: sum of exp(c - c.max) over the non-candidates
+  int32_t num_cand = 0;        // truncation: candidates written
+  bool bad = false;
+};
 
 // Scalar form of one element, for the tail of a chunk (the same operations as the vectors).
 inline float small_policy_scalar(const Pass1Inputs& in, int64_t j, bool* bad) {
@@ -235,39 +400,63 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   constexpr int kW = Vec::size();
   const int64_t nv = n - n % kW;
   Mask bad = mask_none();
-  Vec max_c(-INFINITY), max_k(-INFINITY), max_r(-INFINITY);
+  Vec max_c(-INFINITY), max_k(-INFINITY), max_r(-INFINITY), max_cd(-INFINITY);
   const bool has_k = in.knowledge != nullptr;
-  for (int64_t j = 0; j < nv; j += kW) {
-    const Vec x0 = in.ref0 ? Vec::loadu(in.ref0 + j) : Vec(0.0f);
-    Mask neg = is_neg_inf_v(x0);
-    bad = bad | is_bad_v(x0);
-    Vec cv = x0;
-    for (int r = 0; r < in.num_tuned; ++r) {
-      const Vec t = Vec::loadu(in.tuned[r] + j);
-      Vec rr = in.shared_ref ? x0 : Vec(0.0f);
-      if (in.ref[r]) {
-        rr = Vec::loadu(in.ref[r] + j);
-        bad = bad | is_bad_v(rr);
-        neg = neg | is_neg_inf_v(rr);
+  // The common case, one tuned model on the shared reference (or none), has its own copy
+  // of the loop with every pointer in a register; it computes the same c.
+  auto first_loop = [&](auto one_tuned) {
+    constexpr bool kOneTuned = decltype(one_tuned)::value;
+    const float* ref0 = in.ref0;
+    const float* tuned0 = in.tuned[0];
+    const float* knowledge = in.knowledge;
+    const Vec beta0(in.beta[0]);
+    for (int64_t j = 0; j < nv; j += kW) {
+      const Vec x0 = ref0 ? Vec::loadu(ref0 + j) : Vec(0.0f);
+      Mask neg = is_neg_inf_v(x0);
+      bad = bad | is_bad_v(x0);
+      Vec cv = x0;
+      if constexpr (kOneTuned) {
+        const Vec t = Vec::loadu(tuned0 + j);
+        bad = bad | is_bad_v(t);
+        neg = neg | is_neg_inf_v(t);
+        cv = cv + beta0 * (t - x0);
+      } else {
+        for (int r = 0; r < in.num_tuned; ++r) {
+          const Vec t = Vec::loadu(in.tuned[r] + j);
+          Vec rr = in.shared_ref ? x0 : Vec(0.0f);
+          if (in.ref[r]) {
+            rr = Vec::loadu(in.ref[r] + j);
+            bad = bad | is_bad_v(rr);
+            neg = neg | is_neg_inf_v(rr);
+          }
+          bad = bad | is_bad_v(t);
+          neg = neg | is_neg_inf_v(t);
+          cv = cv + Vec(in.beta[r]) * (t - rr);
+        }
       }
-      bad = bad | is_bad_v(t);
-      neg = neg | is_neg_inf_v(t);
-      cv = cv + Vec(in.beta[r]) * (t - rr);
+      cv = select(neg, Vec(-INFINITY), cv);
+      bad = bad | is_bad_v(cv);
+      cv.store(c + j);
+      max_c = at::vec::maximum(max_c, cv);
+      if (knowledge != nullptr) {
+        const Vec k = Vec::loadu(knowledge + j);
+        bad = bad | is_bad_v(k);
+        const Vec dv = k - x0;
+        dv.store(d + j);
+        max_k = at::vec::maximum(max_k, k);
+        max_r = at::vec::maximum(max_r, x0);
+        max_cd = at::vec::maximum(max_cd, masked_sum(cv, dv));
+      }
     }
-    cv = select(neg, Vec(-INFINITY), cv);
-    bad = bad | is_bad_v(cv);
-    cv.store(c + j);
-    max_c = at::vec::maximum(max_c, cv);
-    if (has_k) {
-      const Vec k = Vec::loadu(in.knowledge + j);
-      bad = bad | is_bad_v(k);
-      (k - x0).store(d + j);
-      max_k = at::vec::maximum(max_k, k);
-      max_r = at::vec::maximum(max_r, x0);
-    }
+  };
+  // x_R[0] is x_R0 (shared) or 0 (no reference): the tuned model's reference is x0.
+  if (in.num_tuned == 1 && in.ref[0] == nullptr && (in.shared_ref || in.ref0 == nullptr)) {
+    first_loop(std::true_type{});
+  } else {
+    first_loop(std::false_type{});
   }
   bool bad_tail = false;
-  float mc = -INFINITY, mk = -INFINITY, mr = -INFINITY;
+  float mc = -INFINITY, mk = -INFINITY, mr = -INFINITY, mcd = -INFINITY;
   for (int64_t j = nv; j < n; ++j) {
     c[j] = small_policy_scalar(in, j, &bad_tail);
     mc = std::max(mc, c[j]);
@@ -277,81 +466,135 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
       d[j] = k - in.ref0[j];
       mk = std::max(mk, k);
       mr = std::max(mr, in.ref0[j]);
+      mcd = std::max(mcd, masked_sum(c[j], d[j]));
     }
   }
   Pass1Result out;
   out.bad = any(bad) || bad_tail;
   if (out.bad) return out;  // the row is an error; nothing else is used
   // No NaN is left, so the maxima are plain maxima.
-  auto hmax = [](Vec v, float m) {
-    alignas(64) float lanes[kW];
-    v.store(lanes);
-    for (int i = 0; i < kW; ++i) m = std::max(m, lanes[i]);
-    return m;
-  };
-  mc = hmax(max_c, mc);
-  mk = hmax(max_k, mk);
-  mr = hmax(max_r, mr);
+  mc = horizontal_max(max_c, mc);
+  mk = horizontal_max(max_k, mk);
+  mr = horizontal_max(max_r, mr);
+  mcd = horizontal_max(max_cd, mcd);
   // Sums of exp(x - max). A max of -inf (every lane masked) gives an empty sum.
-  const float oc = mc == -INFINITY ? 0.0f : mc, ok = mk == -INFINITY ? 0.0f : mk, orr = mr == -INFINITY ? 0.0f : mr;
-  Vec sc(0.0f), sk(0.0f), sr(0.0f);
-  const Vec voc(oc), vok(ok), vor(orr);
-  float* hist = in.hist;
-  if (hist != nullptr) std::fill(hist, hist + kMassBuckets, 0.0f);
-  const float floor_scalar = std::max(mc, in.max_before) + in.hist_offset;
-  const Vec hist_floor(floor_scalar);
-  int64_t prefetched = 0;
-  for (int64_t j = 0; j < nv; j += kW) {
-    if (prefetched < in.prefetch_bytes) {
-      for (int q = 0; q < Pass1Inputs::kMaxPrefetch; ++q) {
-        if (in.prefetch[q] != nullptr) __builtin_prefetch(in.prefetch[q] + prefetched, 0, 2);
-      }
-      prefetched += 64;
-    }
-    const Vec cv = Vec::loadu(c + j);
-    const Vec e = (cv - voc).exp_u20();
-    sc = sc + e;
-    if (hist != nullptr) {
-      // Lanes at or above the floor; zero_mask has a bit per lane that is 0.0 (false).
-      uint32_t lanes = ~static_cast<uint32_t>((cv >= hist_floor).zero_mask()) & ((1u << kW) - 1u);
-      if (lanes != 0) {
-        alignas(64) float ew[kW];
-        alignas(64) int32_t bucket[kW];
-        e.store(ew);
-        mass_bucket(cv).store(bucket);
-        for (; lanes != 0; lanes &= lanes - 1) {
-          const int i = __builtin_ctz(lanes);
-          hist[bucket[i]] += ew[i];
-        }
-      }
-    }
-    if (has_k) {
-      sk = sk + (Vec::loadu(in.knowledge + j) - vok).exp_u20();
-      sr = sr + (Vec::loadu(in.ref0 + j) - vor).exp_u20();
-    }
+  auto origin = [](float m) { return m == -INFINITY ? 0.0f : m; };
+  const float oc = origin(mc), ok = origin(mk), orr = origin(mr), ocd = origin(mcd);
+  Vec sc(0.0f), sk(0.0f), sr(0.0f), scd(0.0f);
+  const Vec voc(oc), vok(ok), vor(orr), vocd(ocd);
+  const float floor_scalar = candidate_floor(mc, in.log_mass_before, in.cand_offset);
+  const char* prefetch[Pass1Inputs::kMaxPrefetch];
+  int num_prefetch = 0;
+  for (const char* p : in.prefetch) {
+    if (p != nullptr) prefetch[num_prefetch++] = p;
   }
-  auto hsum = [](Vec v) {
-    alignas(64) float lanes[kW];
-    v.store(lanes);
-    float s = 0.0f;
-    for (int i = 0; i < kW; ++i) s += lanes[i];
-    return s;
+  int64_t prefetched = 0;
+  const int64_t prefetch_bytes = in.prefetch_bytes;
+  auto prefetch_next = [&] {
+    if (prefetched >= prefetch_bytes) return;
+    for (int q = 0; q < num_prefetch; ++q) __builtin_prefetch(prefetch[q] + prefetched, 0, 2);
+    prefetched += 64;
   };
-  float tc = hsum(sc), tk = hsum(sk), tr = hsum(sr);
-  for (int64_t j = nv; j < n; ++j) {
-    const float e = std::exp(c[j] - oc);
-    tc += e;
-    if (hist != nullptr && c[j] >= floor_scalar) hist[mass_bucket(c[j])] += e;
-    if (has_k) {
+  float tc = 0.0f, tk = 0.0f, tr = 0.0f, tcd = 0.0f, tbelow = 0.0f;
+  int32_t num_cand = 0;
+  if (!has_k) {
+    // Draft mode: z = s needs the log-sum-exp of c only.
+    for (int64_t j = 0; j < nv; j += kW) {
+      prefetch_next();
+      sc = sc + exp_nonpositive(Vec::loadu(c + j) - voc);
+    }
+    tc = horizontal_sum(sc);
+    for (int64_t j = nv; j < n; ++j) tc += std::exp(c[j] - oc);
+  } else if (!in.truncate) {
+    // z = c + d up to a constant: its log-sum-exp is all that is needed.
+    for (int64_t j = 0; j < nv; j += kW) {
+      prefetch_next();
+      scd = scd + exp_nonpositive(masked_sum(Vec::loadu(c + j), Vec::loadu(d + j)) - vocd);
+    }
+    tcd = horizontal_sum(scd);
+    for (int64_t j = nv; j < n; ++j) tcd += std::exp(masked_sum(c[j], d[j]) - ocd);
+  } else {
+    // Truncation: the log-sum-exps of c, x_K and x_R0, and the candidates.
+    CandidateSplit split{floor_scalar, in.first_token, in.cand_token, in.cand_c, in.cand_d};
+    for (int64_t j = 0; j < nv; j += kW) {
+      prefetch_next();
+      const Vec cv = Vec::loadu(c + j);
+      const Vec k = Vec::loadu(in.knowledge + j), x0 = Vec::loadu(in.ref0 + j);
+      const Vec e = exp_nonpositive(cv - voc);
+      sc = sc + e;
+      sk = sk + exp_nonpositive(k - vok);
+      sr = sr + exp_nonpositive(x0 - vor);
+      if (in.split) split.block(j, cv, e, d);
+    }
+    tc = horizontal_sum(sc);
+    tk = horizontal_sum(sk);
+    tr = horizontal_sum(sr);
+    for (int64_t j = nv; j < n; ++j) {
+      const float e = std::exp(c[j] - oc);
+      tc += e;
       tk += std::exp(in.knowledge[j] - ok);
       tr += std::exp(in.ref0[j] - orr);
+      if (in.split) split.one(j, c[j], e, d[j]);
     }
+    tbelow = split.below();
+    num_cand = split.count;
   }
-  if (mc != -INFINITY) { out.c.max = mc; out.c.sum = tc; }
-  if (has_k && mk != -INFINITY) { out.k.max = mk; out.k.sum = tk; }
-  if (has_k && mr != -INFINITY) { out.r0.max = mr; out.r0.sum = tr; }
+  // The maxima are always set (the callers use them); the sums only where computed.
+  out.c.max = mc;
+  out.c.sum = tc;
+  if (has_k) {
+    out.k = OnlineLse{mk, tk};
+    out.r0 = OnlineLse{mr, tr};
+    out.cd = OnlineLse{mcd, tcd};
+  }
+  out.below = tbelow;
+  out.num_cand = num_cand;
   return out;
 }
+
+// The candidate split of one chunk after pass 1 (parallel mode): the operations of pass 1's
+// truncation loop, c_max = the chunk's max of c.
+void split_chunk(const float* c, const float* d, int64_t n, float c_max, CandidateSplit& split) {
+  constexpr int kW = Vec::size();
+  const float oc = c_max == -INFINITY ? 0.0f : c_max;
+  const Vec voc(oc);
+  const int64_t nv = n - n % kW;
+  for (int64_t j = 0; j < nv; j += kW) {
+    const Vec cv = Vec::loadu(c + j);
+    split.block(j, cv, exp_nonpositive(cv - voc), d);
+  }
+  for (int64_t j = nv; j < n; ++j) split.one(j, c[j], std::exp(c[j] - oc), d[j]);
+}
+
+// The EFT scores z_j of one row (eft_score), computed where they are read from pass 1's
+// scratch: z = s + [c >= tau] (d + shift) with s = c - log_z_c. With d == nullptr (no
+// knowledge model, or z already written to c with log_z_c = 0) z = s.
+struct Scores {
+  const float* c;
+  const float* d;
+  float log_z_c;
+  float tau;    // the truncation set is {c >= tau}
+  float shift;  // lse_R0 - lse_K
+
+  float at(int64_t j) const {
+    const float s = c[j] - log_z_c;
+    return d == nullptr ? s : eft_score(s, c[j] >= tau, d[j], shift);
+  }
+  // The same operations on the lanes of (cv, dv).
+  Vec of(Vec cv, Vec dv) const {
+    const Vec s = cv - Vec(log_z_c);  // -inf stays -inf
+    if (d == nullptr) return s;
+    const Vec scored = select(is_neg_inf_v(dv), Vec(-INFINITY), s + (dv + Vec(shift)));
+    return select(mask_andnot(ge(cv, Vec(tau)), is_neg_inf_v(s)), scored, s);
+  }
+  Vec load(int64_t j) const { return of(Vec::loadu(c + j), d == nullptr ? Vec(0.0f) : Vec::loadu(d + j)); }
+#if defined(CPU_CAPABILITY_AVX512)
+  // Lanes outside `valid` are not read; their values are meaningless.
+  Vec load(__mmask16 valid, int64_t j) const {
+    return of(_mm512_maskz_loadu_ps(valid, c + j), d == nullptr ? Vec(0.0f) : Vec(_mm512_maskz_loadu_ps(valid, d + j)));
+  }
+#endif
+};
 
 struct Best {
   float value = -INFINITY;
@@ -370,7 +613,7 @@ struct Best {
 // maximum of value_j over all allowed tokens, with the noise of gumbel_from_words.
 constexpr int kCandidates = kNoiseBlock;  // stage-1 block
 constexpr int kSurvivors = 32;            // stage-3 buffer, flushed from 16 entries on
-void gumbel_argmax(const float* z, int64_t begin, int64_t end, float temperature, float allowed_threshold,
+void gumbel_argmax(const Scores& z, int64_t begin, int64_t end, float temperature, float allowed_threshold,
                    float noise_floor, uint64_t seed, uint32_t position, Best* best_out) {
   Best best = *best_out;
   alignas(64) uint32_t cand[kCandidates], words[kCandidates];
@@ -438,7 +681,7 @@ void gumbel_argmax(const float* z, int64_t begin, int64_t end, float temperature
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t j = begin; j < end; j += 16) {
     const __mmask16 valid = end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
-    const __m512 zv = _mm512_maskz_loadu_ps(valid, z + j);
+    const __m512 zv = z.load(valid, j);
     const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, zv, _mm512_set1_ps(cutoff), _CMP_GE_OQ);
     if (m == 0) continue;
     const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), iota);
@@ -448,10 +691,26 @@ void gumbel_argmax(const float* z, int64_t begin, int64_t end, float temperature
     if (nc > kCandidates - 16) flush_candidates();
   }
 #else
-  for (int64_t j = begin; j < end; ++j) {
+  constexpr int kW = Vec::size();
+  int64_t j = begin;
+  for (; j + kW <= end; j += kW) {
+    const Vec zv = z.load(j);
+    uint32_t bits = mask_bits(ge(zv, Vec(cutoff)));
+    if (bits == 0) continue;
+    alignas(64) float lanes[kW];
+    zv.store(lanes);
+    for (; bits != 0; bits &= bits - 1) {
+      const int i = __builtin_ctz(bits);
+      cand[nc] = static_cast<uint32_t>(j + i);
+      cand_z[nc++] = lanes[i];
+      if (nc == kCandidates) flush_candidates();
+    }
+  }
+  for (; j < end; ++j) {
+    const float zj = z.at(j);
     cand[nc] = static_cast<uint32_t>(j);
-    cand_z[nc] = z[j];
-    nc += z[j] >= cutoff;
+    cand_z[nc] = zj;
+    nc += zj >= cutoff;
     if (nc == kCandidates) flush_candidates();
   }
 #endif
@@ -479,14 +738,33 @@ const float* to_float(const T* src, float* buf, int64_t n) {
   return buf;
 }
 
-// Folds v[0, n) (token ids offset + i) into best: the largest finite value, lowest index on ties.
-void first_argmax(const float* v, int64_t n, int64_t offset, Best* best) {
-  const float mx = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v, n);
+// The first j in [begin, end) with value(j) == target (-1 if none); vec_value(j) gives the
+// lanes j.. j + Vec::size() - 1 with the same operations.
+template <typename VecValue, typename Value>
+int64_t first_equal(int64_t begin, int64_t end, float target, const VecValue& vec_value, const Value& value) {
+  constexpr int kW = Vec::size();
+  int64_t j = begin;
+  for (; j + kW <= end; j += kW) {
+    const uint32_t bits = mask_bits(eq(vec_value(j), Vec(target)));
+    if (bits != 0) return j + __builtin_ctz(bits);
+  }
+  for (; j < end; ++j) {
+    if (value(j) == target) return j;
+  }
+  return -1;
+}
+
+// Folds the scores of [begin, end) into best: the largest finite value, lowest index on ties.
+void scores_argmax(const Scores& z, int64_t begin, int64_t end, Best* best) {
+  constexpr int kW = Vec::size();
+  Vec vmax(-INFINITY);
+  int64_t j = begin;
+  for (; j + kW <= end; j += kW) vmax = at::vec::maximum(vmax, z.load(j));
+  float mx = horizontal_max(vmax, -INFINITY);
+  for (; j < end; ++j) mx = std::max(mx, z.at(j));
   if (mx == -INFINITY || (best->token >= 0 && !(mx > best->value))) return;
-  int64_t i = 0;
-  while (i + 1 < n && v[i] != mx) ++i;
   best->value = mx;
-  best->token = offset + i;
+  best->token = first_equal(begin, end, mx, [&](int64_t i) { return z.load(i); }, [&](int64_t i) { return z.at(i); });
 }
 
 // Pointers and strides of one row's inputs, read as T (float, BFloat16 or Half).
@@ -592,84 +870,237 @@ class RadixSelect {
   std::vector<std::vector<int64_t>> candidates_;
 };
 
-// The threshold of the truncation set: the largest c value t such that the tokens with
-// c_j >= t hold at least weight_top_p of the mass sum_j exp(c_j) (ties inclusive); -inf
-// when rounding leaves the total short. hist holds pass 1's per-chunk histograms.
-float truncation_threshold(const float* c, int64_t vocab, const float* hist,
-                           const std::vector<Pass1Result>& part1, float c_max, float weight_top_p,
-                           bool parallel) {
-  const int64_t num_chunks = static_cast<int64_t>(part1.size());
-  // Merge the chunk histograms, each relative to its chunk's max, relative to the row max.
-  alignas(64) std::array<float, kMassBuckets> merged{};
-  for (int64_t ch = 0; ch < num_chunks; ++ch) {
-    if (part1[ch].c.max == -INFINITY) continue;
-    const Vec scale(std::exp(part1[ch].c.max - c_max));
-    const float* h = hist + ch * kMassBuckets;
-    for (int b = 0; b < kMassBuckets; b += Vec::size()) {
-      (Vec::loadu(merged.data() + b) + Vec::loadu(h + b) * scale).store(merged.data() + b);
-    }
+// Weighted selection: the largest v among vals[0, n) with
+//   above + sum_{vals_i >= v} weights_i >= target   (ties inclusive),
+// where the caller guarantees above + sum of all weights >= target. Value bisection: each
+// step splits the values at the middle of their range and keeps the side that holds the
+// answer, until few are left, which are sorted. vals and weights are reordered in place.
+int64_t keep_side(float* vals, float* weights, int64_t n, float pivot, bool upper, float* lo, float* hi) {
+  constexpr int kW = Vec::size();
+  Vec vmin(INFINITY), vmax(-INFINITY);
+  int64_t kept = 0, i = 0;
+  for (; i + kW <= n; i += kW) {
+    const Vec v = Vec::loadu(vals + i), w = Vec::loadu(weights + i);
+    const Mask keep = upper ? ge(v, Vec(pivot)) : lt(v, Vec(pivot));
+    if (mask_bits(keep) == 0) continue;
+    vmin = at::vec::minimum(vmin, select(keep, v, Vec(INFINITY)));
+    vmax = at::vec::maximum(vmax, select(keep, v, Vec(-INFINITY)));
+    compress_store(keep, w, weights + kept);  // kept <= i: in place
+    kept += compress_store(keep, v, vals + kept);
   }
-  // The total mass from the chunk sums (the histogram leaves out the lightest tokens).
-  float total = 0.0f;
-  for (int64_t ch = 0; ch < num_chunks; ++ch) {
-    if (part1[ch].c.max != -INFINITY) total += part1[ch].c.sum * std::exp(part1[ch].c.max - c_max);
+  float mn = -horizontal_max(Vec(0.0f) - vmin, -INFINITY), mx = horizontal_max(vmax, -INFINITY);
+  for (; i < n; ++i) {
+    if ((vals[i] >= pivot) != upper) continue;
+    mn = std::min(mn, vals[i]);
+    mx = std::max(mx, vals[i]);
+    weights[kept] = weights[i];
+    vals[kept++] = vals[i];
   }
-  float target = weight_top_p * total;
-  int bucket = -1;
-  float above = 0.0f;
-  for (int b = kMassBuckets - 1; b >= 0; --b) {
-    if (above + merged[b] >= target) { bucket = b; break; }
-    above += merged[b];
-  }
-  if (bucket < 0) return -INFINITY;
-  target -= above;
-  // The boundary bucket's tokens, with their weights exp(c - c_max), then exactly.
-  std::vector<std::vector<std::pair<float, float>>> found(num_chunks);
-  for_each_chunk(num_chunks, parallel, [&](int64_t ch) {
-    const int64_t begin = ch * kChunk, end = std::min(vocab, begin + kChunk);
-    auto& out = found[ch];
-    int64_t j = begin;
-    constexpr int kW = Vec::size();
-    // mass_bucket(c) == bucket  <=>  bucket <= clamp(8 c + 1024) < bucket + 1 (clamp >= 1).
-    const Vec lo(static_cast<float>(bucket)), hi(static_cast<float>(bucket + 1));
-    for (; j + kW <= end; j += kW) {
-      const Vec cv = Vec::loadu(c + j);
-      const Vec scaled = at::vec::clamp(cv * Vec(8.0f) + Vec(1024.0f), Vec(1.0f), Vec(static_cast<float>(kMassBuckets - 1)));
-      uint32_t lanes = ~static_cast<uint32_t>(((scaled >= lo) & (scaled < hi)).zero_mask()) & ((1u << kW) - 1u);
-      for (; lanes != 0; lanes &= lanes - 1) {
-        const int i = __builtin_ctz(lanes);
-        if (mass_bucket(c[j + i]) == bucket) out.emplace_back(c[j + i], 0.0f);
-      }
-    }
-    for (; j < end; ++j) {
-      if (mass_bucket(c[j]) == bucket) out.emplace_back(c[j], 0.0f);
-    }
-  });
-  std::vector<std::pair<float, float>> cand;
-  for (auto& f : found) cand.insert(cand.end(), f.begin(), f.end());
-  if (cand.empty()) return -INFINITY;  // cannot happen: the bucket has mass
-  for (auto& e : cand) e.second = std::exp(e.first - c_max);
-  std::sort(cand.begin(), cand.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
-  float cum = 0.0f;
-  for (size_t i = 0; i < cand.size();) {
-    const float v = cand[i].first;
-    for (; i < cand.size() && cand[i].first == v; ++i) cum += cand[i].second;
-    if (cum >= target) return v;
-  }
-  return cand.back().first;  // rounding left the bucket short: keep all of it
+  *lo = mn;
+  *hi = mx;
+  return kept;
 }
 
+float weight_at_or_above(const float* vals, const float* weights, int64_t n, float pivot) {
+  constexpr int kW = Vec::size();
+  Vec sum(0.0f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    sum = sum + select(ge(Vec::loadu(vals + i), Vec(pivot)), Vec::loadu(weights + i), Vec(0.0f));
+  }
+  float total = horizontal_sum(sum);
+  for (; i < n; ++i) total += vals[i] >= pivot ? weights[i] : 0.0f;
+  return total;
+}
+
+float select_threshold(float* vals, float* weights, int64_t n, float target, float above) {
+  constexpr int64_t kSortAt = 64;
+  float lo = 0.0f, hi = 0.0f;
+  n = keep_side(vals, weights, n, -INFINITY, /*upper=*/true, &lo, &hi);  // min and max
+  while (n > kSortAt && lo < hi) {
+    float pivot = 0.5f * lo + 0.5f * hi;
+    if (!(pivot > lo)) pivot = hi;  // adjacent floats: split off the top value
+    const float upper = weight_at_or_above(vals, weights, n, pivot);
+    const bool answer_above = above + upper >= target;
+    if (!answer_above) above += upper;
+    n = keep_side(vals, weights, n, pivot, answer_above, &lo, &hi);
+  }
+  if (lo == hi) return lo;  // one value left (ties are all in)
+  std::vector<std::pair<float, float>> items(n);
+  for (int64_t i = 0; i < n; ++i) items[i] = {vals[i], weights[i]};
+  std::sort(items.begin(), items.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  float cum = above;
+  for (size_t i = 0; i < items.size();) {
+    const float v = items[i].first;
+    for (; i < items.size() && items[i].first == v; ++i) cum += items[i].second;
+    if (cum >= target) return v;
+  }
+  return items.back().first;  // rounding left the sum short: keep every value
+}
+
+inline float log_add_exp(float a, float b) {
+  const float m = std::max(a, b);
+  if (m == -INFINITY) return -INFINITY;
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+inline float log_of_scaled(float sum, float origin) { return sum > 0.0f ? origin + std::log(sum) : -INFINITY; }
+
+template <typename U>
+using Buffer = std::unique_ptr<U[]>;
+
 struct Scratch {
-  std::vector<float> c;   // c, then s's successor z
-  std::vector<float> d;   // x_K - x_R0
-  std::vector<float> w;   // weights for radix select
-  std::vector<uint32_t> key;
-  std::vector<float> hist;  // per-chunk mass histograms of pass 1
-  RadixSelect radix;
-  explicit Scratch(int64_t vocab)
-      : c(vocab), d(vocab), w(vocab), key(vocab),
-        hist(((vocab + kChunk - 1) / kChunk) * kMassBuckets), radix(vocab) {}
+  int64_t vocab;
+  Buffer<float> c, d;  // pass 1: c and d = x_K - x_R0; c becomes z when the filters need it
+  Buffer<float> w;     // weights of the filters' radix select
+  Buffer<uint32_t> key;
+  // Truncation candidates (token, c, d), chunk k's from k * kChunkRoom on, and the weights
+  // and working copies of the threshold selection.
+  Buffer<int32_t> cand_token, in_token;
+  Buffer<float> cand_c, cand_d, cand_w, select_v, select_w;
+  std::unique_ptr<RadixSelect> radix_;
+  explicit Scratch(int64_t v)
+      : vocab(v), c(std::make_unique_for_overwrite<float[]>(v)), d(std::make_unique_for_overwrite<float[]>(v)) {}
+  RadixSelect& radix() {
+    if (!radix_) {
+      radix_ = std::make_unique<RadixSelect>(vocab);
+      w = std::make_unique_for_overwrite<float[]>(vocab);
+      key = std::make_unique_for_overwrite<uint32_t[]>(vocab);
+    }
+    return *radix_;
+  }
+  void need_candidates() {
+    if (cand_token) return;
+    const int64_t room = (vocab + kChunk - 1) / kChunk * kChunkRoom;
+    cand_token = std::make_unique_for_overwrite<int32_t[]>(room);
+    in_token = std::make_unique_for_overwrite<int32_t[]>(room);
+    for (auto* b : {&cand_c, &cand_d, &cand_w, &select_v, &select_w}) *b = std::make_unique_for_overwrite<float[]>(room);
+  }
 };
+
+// The calling thread's scratch, kept from call to call: a few MB per thread, allocated once
+// rather than faulted in on every call.
+Scratch& thread_scratch(int64_t vocab) {
+  thread_local std::unique_ptr<Scratch> scratch;
+  if (!scratch || scratch->vocab != vocab) scratch = std::make_unique<Scratch>(vocab);
+  return *scratch;
+}
+
+// The truncation set S = {c_j >= tau} (weight_top_p < 1) and the two parts of
+// sum_j exp(z_j) it splits the row into.
+struct Truncation {
+  float tau = -INFINITY;            // S = {c_j >= tau}
+  float log_mass_in = -INFINITY;   // log sum_{j in S} exp(c_j + d_j)
+  float log_mass_out = -INFINITY;  // log sum_{j not in S} exp(c_j)
+  // The tokens of largest score on each side: max c + d in S, max c outside (-1: none found).
+  int64_t top_in = -1, top_out = -1;
+};
+
+// tau is the largest c value such that the tokens with c_j >= tau hold at least
+// weight_top_p of the mass sum_j exp(c_j) (ties inclusive). Only pass 1's candidates can
+// reach it: every other token lies below its chunk's floor, which is below tau. Of the
+// candidates, the selection only needs those at or above the floor of the whole row.
+Truncation truncate_row(const std::vector<Pass1Result>& part1, Scratch& sc, const OnlineLse& lse_c,
+                        float weight_top_p, float cand_offset) {
+  constexpr int kW = Vec::size();
+  const int64_t num_chunks = static_cast<int64_t>(part1.size());
+  const float c_max = lse_c.max;
+  const Vec origin(c_max);
+  float total = 0.0f, below = 0.0f;
+  for (const Pass1Result& part : part1) {
+    if (part.c.max == -INFINITY) continue;
+    const float scale = std::exp(part.c.max - c_max);
+    total += part.c.sum * scale;
+    below += part.below * scale;
+  }
+  // The weights exp(c - c_max) of the candidates; those at or above the row's floor go to
+  // the selection arrays.
+  const float row_floor = candidate_floor(-INFINITY, lse_c.value(), cand_offset);
+  float* select_v = sc.select_v.get();
+  float* select_w = sc.select_w.get();
+  int64_t n_select = 0;
+  for (int64_t ch = 0; ch < num_chunks; ++ch) {
+    const float* cc = sc.cand_c.get() + ch * kChunkRoom;
+    float* cw = sc.cand_w.get() + ch * kChunkRoom;
+    const int64_t n = part1[ch].num_cand;
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) {
+      const Vec c = Vec::loadu(cc + i);
+      const Vec w = exp_nonpositive(c - origin);
+      w.store(cw + i);
+      const Mask keep = ge(c, Vec(row_floor));
+      compress_store(keep, w, select_w + n_select);
+      n_select += compress_store(keep, c, select_v + n_select);
+    }
+    for (; i < n; ++i) {
+      cw[i] = std::exp(cc[i] - c_max);
+      if (cc[i] >= row_floor) {
+        select_w[n_select] = cw[i];
+        select_v[n_select++] = cc[i];
+      }
+    }
+  }
+  // Exactly, the tokens at or above the row's floor hold more than the target; if rounding
+  // leaves them short (weight_top_p next to 1), they are all in S.
+  const float target = weight_top_p * total;
+  const float select_mass = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, select_w, n_select);
+  Truncation t;
+  t.tau = select_mass >= target ? select_threshold(select_v, select_w, n_select, target, 0.0f) : row_floor;
+  // Over the candidates: the mass below tau joins the mass outside S (with the tokens below
+  // the floors); the members of S are gathered as (token, c + d).
+  const Vec tau(t.tau);
+  int32_t* in_token = sc.in_token.get();
+  float* in_cd = sc.select_v.get();  // the selection is done with it
+  int64_t n_in = 0;
+  Vec out_v(0.0f), out_max_v(-INFINITY);
+  float out = below, out_max = -INFINITY;
+  for (int64_t ch = 0; ch < num_chunks; ++ch) {
+    const int64_t base = ch * kChunkRoom;
+    const float *cc = sc.cand_c.get() + base, *cd = sc.cand_d.get() + base, *cw = sc.cand_w.get() + base;
+    const int32_t* ct = sc.cand_token.get() + base;
+    const int64_t n = part1[ch].num_cand;
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) {
+      const Vec c = Vec::loadu(cc + i);
+      const Mask in = ge(c, tau);
+      out_v = out_v + select(in, Vec(0.0f), Vec::loadu(cw + i));
+      out_max_v = at::vec::maximum(out_max_v, select(in, Vec(-INFINITY), c));
+      if (mask_bits(in) == 0) continue;
+      compress_store_i32(in, ct + i, in_token + n_in);
+      n_in += compress_store(in, c + Vec::loadu(cd + i), in_cd + n_in);
+    }
+    for (; i < n; ++i) {
+      if (cc[i] >= t.tau) {
+        in_token[n_in] = ct[i];
+        in_cd[n_in++] = cc[i] + cd[i];
+      } else {
+        out += cw[i];
+        out_max = std::max(out_max, cc[i]);
+      }
+    }
+  }
+  out += horizontal_sum(out_v);
+  out_max = horizontal_max(out_max_v, out_max);
+  t.log_mass_out = log_of_scaled(out, c_max);
+  // The top outside S: the first candidate at out_max (below tau, so outside S).
+  for (int64_t ch = 0; ch < num_chunks && out_max != -INFINITY && t.top_out < 0; ++ch) {
+    const int64_t base = ch * kChunkRoom;
+    const float* cc = sc.cand_c.get() + base;
+    const int64_t k = first_equal(0, part1[ch].num_cand, out_max, [&](int64_t i) { return Vec::loadu(cc + i); },
+                                  [&](int64_t i) { return cc[i]; });
+    if (k >= 0) t.top_out = sc.cand_token[base + k];
+  }
+  // The mass of S, relative to its max c + d.
+  const float in_max = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, in_cd, n_in);
+  if (n_in > 0 && in_max != -INFINITY) {
+    const float in_sum = at::vec::map_reduce_all<float>([in_max](Vec v) { return exp_nonpositive(v - Vec(in_max)); },
+                                                        [](Vec a, Vec b) { return a + b; }, in_cd, n_in);
+    t.log_mass_in = log_of_scaled(in_sum, in_max);
+    const int64_t k = first_equal(0, n_in, in_max, [&](int64_t i) { return Vec::loadu(in_cd + i); },
+                                  [&](int64_t i) { return in_cd[i]; });
+    t.top_in = in_token[k];
+  }
+  return t;
+}
 
 struct RowParams {
   uint64_t seed;
@@ -678,24 +1109,40 @@ struct RowParams {
   int64_t top_k;
 };
 
+// The first token whose value equals the row maximum `target`, searched in the chunks whose
+// maximum (chunk_max(k)) it is; -1 if the maximum is -inf.
+template <typename ChunkMax, typename VecValue, typename Value>
+int64_t first_at_max(int64_t vocab, float target, const ChunkMax& chunk_max, const VecValue& vec_value,
+                     const Value& value) {
+  if (target == -INFINITY) return -1;
+  const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
+  for (int64_t ch = 0; ch < num_chunks; ++ch) {
+    if (chunk_max(ch) != target) continue;
+    const int64_t j = first_equal(ch * kChunk, std::min(vocab, (ch + 1) * kChunk), target, vec_value, value);
+    if (j >= 0) return j;
+  }
+  return -1;
+}
+
 template <typename T>
 RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, bool parallel,
                      Scratch& scratch, float* row_logprobs) {
   RowResult result;
   const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
-  float* c = scratch.c.data();
-  float* d = scratch.d.data();
+  float* c = scratch.c.get();
+  float* d = scratch.d.get();
   const bool has_knowledge = in.knowledge != nullptr;
 
   const bool truncate = has_knowledge && p.weight_top_p < 1.0f;
+  if (truncate) scratch.need_candidates();
   // Tokens below max(c) + log((1 - weight_top_p) / V) hold less than 1 - weight_top_p of
   // the mass (each weighs less than (1 - weight_top_p) / V of the max token), so the
   // threshold is above them; one more unit of margin covers rounding.
-  const float hist_offset = truncate
+  const float cand_offset = truncate
       ? static_cast<float>(std::log((1.0 - static_cast<double>(p.weight_top_p)) / static_cast<double>(vocab)) - 1.0)
       : 0.0f;
-  float running_max = -INFINITY;  // sequential mode only
-  // Pass 1: logits -> c, d and the three log-sum-exps (pass1_chunk).
+  OnlineLse running;  // of c, over the chunks done (sequential mode only)
+  // Pass 1: logits -> c, d, the log-sum-exps and the truncation candidates (pass1_chunk).
   std::vector<Pass1Result> part1(num_chunks);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, n = std::min(vocab, begin + kChunk) - begin;
@@ -728,7 +1175,16 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
           ? as_float(in.reference + r * in.reference_model_stride) : nullptr;
     }
     pin.shared_ref = in.reference != nullptr && in.reference_model_stride == 0;
-    pin.hist = truncate ? scratch.hist.data() + chunk * kMassBuckets : nullptr;
+    pin.first_token = static_cast<int32_t>(begin);
+    if (truncate) {
+      pin.truncate = true;
+      pin.split = !parallel;
+      pin.cand_offset = cand_offset;
+      pin.log_mass_before = running.value();
+      pin.cand_token = scratch.cand_token.get() + chunk * kChunkRoom;
+      pin.cand_c = scratch.cand_c.get() + chunk * kChunkRoom;
+      pin.cand_d = scratch.cand_d.get() + chunk * kChunkRoom;
+    }
     if (!parallel && begin + kChunk < vocab) {
       const int64_t next = begin + kChunk;
       pin.prefetch_bytes = (std::min(vocab, next + kChunk) - next) * static_cast<int64_t>(sizeof(T));
@@ -740,79 +1196,77 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
       add(in.knowledge);
       for (int r = 0; r < in.num_tuned; ++r) add(in.tuned + r * in.tuned_model_stride);
     }
-    pin.hist_offset = hist_offset;
-    pin.max_before = parallel ? -INFINITY : running_max;
     part1[chunk] = pass1_chunk(pin, n, c + begin, d + begin);
-    if (!parallel) running_max = std::max(running_max, part1[chunk].c.max);
+    if (!parallel) running.merge(part1[chunk].c);
   });
-  OnlineLse lse_k, lse_r0, lse_c;
+  if (truncate && parallel && std::none_of(part1.begin(), part1.end(), [](const Pass1Result& r) { return r.bad; })) {
+    // The split, with the floors the sequential mode uses (the log-sum-exp of c over the
+    // chunks before each).
+    std::vector<float> floors(num_chunks);
+    OnlineLse before;
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+      floors[chunk] = candidate_floor(part1[chunk].c.max, before.value(), cand_offset);
+      before.merge(part1[chunk].c);
+    }
+    for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+      const int64_t begin = chunk * kChunk, n = std::min(vocab, begin + kChunk) - begin;
+      CandidateSplit split{floors[chunk], static_cast<int32_t>(begin), scratch.cand_token.get() + chunk * kChunkRoom,
+                           scratch.cand_c.get() + chunk * kChunkRoom, scratch.cand_d.get() + chunk * kChunkRoom};
+      split_chunk(c + begin, d + begin, n, part1[chunk].c.max, split);
+      part1[chunk].below = split.below();
+      part1[chunk].num_cand = split.count;
+    });
+  }
+  OnlineLse lse_k, lse_r0, lse_c, lse_cd;
   for (const auto& part : part1) {
     if (part.bad) { result.status = kRowNaN; return result; }
     lse_k.merge(part.k);
     lse_r0.merge(part.r0);
     lse_c.merge(part.c);
+    lse_cd.merge(part.cd);
   }
-  const float log_z_c = lse_c.value();
-  if (log_z_c == -INFINITY) { result.status = kRowNoToken; return result; }
+  if (lse_c.max == -INFINITY) { result.status = kRowNoToken; return result; }
 
-  RadixSelect& radix = scratch.radix;
-  uint32_t* key = scratch.key.data();
-  float* w = scratch.w.data();
+  // Tokens with high scores, whose noisy values bound the winner's from below: the argmax
+  // of c (the top of s, always in S), the argmax of c + d, and with truncation the tops of
+  // either side of S.
+  const int64_t top_c = first_at_max(vocab, lse_c.max, [&](int64_t ch) { return part1[ch].c.max; },
+                                     [&](int64_t j) { return Vec::loadu(c + j); }, [&](int64_t j) { return c[j]; });
+  const int64_t top_cd = has_knowledge
+      ? first_at_max(vocab, lse_cd.max, [&](int64_t ch) { return part1[ch].cd.max; },
+                     [&](int64_t j) { return masked_sum(Vec::loadu(c + j), Vec::loadu(d + j)); },
+                     [&](int64_t j) { return masked_sum(c[j], d[j]); })
+      : -1;
 
-  // Pass 2: the truncation set S = {c_j >= c_threshold} at mass weight_top_p.
-  const float c_threshold = truncate
-      ? truncation_threshold(c, vocab, scratch.hist.data(), part1, lse_c.max, p.weight_top_p, parallel)
-      : -INFINITY;
-
-  // Pass 3: z and its log-sum-exp (z overwrites c).
-  const float weight_shift = lse_r0.value() - lse_k.value();
-  std::vector<OnlineLse> part3(num_chunks);
-  for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
-    const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
-    // eft_score, lane by lane: the same operations on vectors.
-    constexpr int kW = Vec::size();
-    const Vec lz(log_z_c), thr(c_threshold), shift(weight_shift), neg_inf(-INFINITY);
-    int64_t j = begin;
-    Vec vmax(-INFINITY);
-    for (; j + kW <= end; j += kW) {
-      const Vec cv = Vec::loadu(c + j);
-      Vec zv = cv - lz;  // -inf stays -inf
-      if (has_knowledge) {
-        const Vec dv = Vec::loadu(d + j);
-        const Vec scored = select(is_neg_inf_v(dv), neg_inf, zv + (dv + shift));
-        const Vec use = (cv >= thr) & (zv != neg_inf);
-        zv = Vec::blendv(zv, scored, use);
-      }
-      zv.store(c + j);
-      vmax = at::vec::maximum(vmax, zv);
-    }
-    float mx = -INFINITY;
-    for (; j < end; ++j) {
-      const float sj = c[j] - log_z_c;
-      c[j] = has_knowledge ? eft_score(sj, c[j] >= c_threshold, d[j], weight_shift) : sj;
-      mx = std::max(mx, c[j]);
-    }
-    {
-      alignas(64) float lanes[kW];
-      vmax.store(lanes);
-      for (int i = 0; i < kW; ++i) mx = std::max(mx, lanes[i]);
-    }
-    OnlineLse part;
-    if (mx != -INFINITY) {
-      part.max = mx;
-      part.sum = at::vec::map_reduce_all<float>([mx](Vec v) { return (v - Vec(mx)).exp_u20(); },
-                                                [](Vec a, Vec b) { return a + b; }, c + begin, end - begin);
-    }
-    part3[chunk] = part;
-  });
-  OnlineLse lse_z;
-  for (const auto& part : part3) lse_z.merge(part);
-  const float log_z_z = lse_z.value();
-  const float* z = c;
+  // The scores z (Scores) and their log-sum-exp. Without truncation z = c + d, which
+  // differs from DESIGN.md's z by a constant of the row: neither the sample nor
+  // log softmax(z) depends on it. With truncation, z = s + [c >= tau] (d + shift), and its
+  // log-sum-exp comes from the two sides of S (truncate_row).
+  Scores z{c, nullptr, 0.0f, -INFINITY, 0.0f};
+  float log_z_z = -INFINITY;
+  int64_t top_in = -1, top_out = -1;
+  if (!has_knowledge) {
+    z.log_z_c = lse_c.value();  // z = s
+    log_z_z = 0.0f;
+  } else if (!truncate) {
+    z.d = d;  // z = c + d
+    log_z_z = lse_cd.value();
+  } else {
+    const float log_z_c = lse_c.value();
+    const float shift = lse_r0.value() - lse_k.value();
+    const Truncation t = truncate_row(part1, scratch, lse_c, p.weight_top_p, cand_offset);
+    z = Scores{c, d, log_z_c, t.tau, shift};
+    top_in = t.top_in;
+    top_out = t.top_out;
+    log_z_z = log_add_exp(t.log_mass_in + shift, t.log_mass_out) - log_z_c;
+  }
   if (row_logprobs != nullptr) {
     for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
       const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
-      for (int64_t j = begin; j < end; ++j) row_logprobs[j] = z[j] - log_z_z;
+      constexpr int kW = Vec::size();
+      int64_t j = begin;
+      for (; j + kW <= end; j += kW) (z.load(j) - Vec(log_z_z)).store(row_logprobs + j);
+      for (; j < end; ++j) row_logprobs[j] = z.at(j) - log_z_z;
     });
   }
   if (log_z_z == -INFINITY) { result.status = kRowNoToken; return result; }
@@ -821,67 +1275,90 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   const bool top_k_on = !greedy && p.top_k > 0 && p.top_k < vocab;
   const bool top_p_on = !greedy && p.top_p < 1.0f;
 
-  // Filters: allowed = {key(z_j) >= allowed_key}; key(-inf) is below every finite key.
+  // Filters: allowed = {key(z_j) >= allowed_key}; key(-inf) is below every finite key. They
+  // need z in memory: it overwrites c.
   uint32_t allowed_key = order_key(-INFINITY) + 1u;
+  int64_t top_z = -1;
   if (top_k_on || top_p_on) {
+    RadixSelect& radix = scratch.radix();
+    uint32_t* key = scratch.key.get();
+    float* w = scratch.w.get();
+    std::vector<float> part_max(num_chunks, -INFINITY);
     for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
       const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
-      for (int64_t j = begin; j < end; ++j) key[j] = order_key(z[j]);
+      constexpr int kW = Vec::size();
+      Vec vmax(-INFINITY);
+      int64_t j = begin;
+      for (; j + kW <= end; j += kW) {
+        const Vec zv = z.load(j);
+        zv.store(c + j);
+        vmax = at::vec::maximum(vmax, zv);
+      }
+      float mx = horizontal_max(vmax, -INFINITY);
+      for (; j < end; ++j) {
+        c[j] = z.at(j);
+        mx = std::max(mx, c[j]);
+      }
+      for (j = begin; j < end; ++j) key[j] = order_key(c[j]);
+      part_max[chunk] = mx;
     });
-  }
-  if (top_k_on) {
-    allowed_key = std::max(allowed_key, radix.select(key, nullptr, static_cast<float>(p.top_k), 0u, parallel));
-  }
-  if (top_p_on) {
-    const float z_max = lse_z.max;
-    const float inv_t = 1.0f / p.temperature;
-    std::vector<float> part_mass(num_chunks);
-    for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
-      const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
-      for (int64_t j = begin; j < end; ++j) w[j] = key[j] >= allowed_key ? (z[j] - z_max) * inv_t : -INFINITY;
-      at::vec::map([](Vec x) { return x.exp_u20(); }, w + begin, w + begin, end - begin);
-      part_mass[chunk] = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, w + begin, end - begin);
-    });
-    float total = 0.0f;
-    for (const float m : part_mass) total += m;
-    allowed_key = std::max(allowed_key, radix.select(key, w, p.top_p * total, allowed_key, parallel));
+    z = Scores{c, nullptr, 0.0f, -INFINITY, 0.0f};
+    const float z_max = *std::max_element(part_max.begin(), part_max.end());
+    top_z = first_at_max(vocab, z_max, [&](int64_t ch) { return part_max[ch]; },
+                         [&](int64_t j) { return Vec::loadu(c + j); }, [&](int64_t j) { return c[j]; });
+    if (top_k_on) {
+      allowed_key = std::max(allowed_key, radix.select(key, nullptr, static_cast<float>(p.top_k), 0u, parallel));
+    }
+    if (top_p_on) {
+      const float inv_t = 1.0f / p.temperature;
+      std::vector<float> part_mass(num_chunks);
+      for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+        const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
+        for (int64_t j = begin; j < end; ++j) w[j] = key[j] >= allowed_key ? (c[j] - z_max) * inv_t : -INFINITY;
+        at::vec::map([](Vec x) { return exp_nonpositive(x); }, w + begin, w + begin, end - begin);
+        part_mass[chunk] = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, w + begin, end - begin);
+      });
+      float total = 0.0f;
+      for (const float m : part_mass) total += m;
+      allowed_key = std::max(allowed_key, radix.select(key, w, p.top_p * total, allowed_key, parallel));
+    }
   }
 
-  // Pass 5: Gumbel-max (or argmax) over the allowed tokens; ties go to the lowest index.
+  // Pass 2: Gumbel-max (or argmax) over the allowed tokens; ties go to the lowest index.
   const float allowed_threshold = threshold_from_key(allowed_key);
   const float temperature = p.temperature;
-  // A lower bound on the winning value, from the noise of the argmax of z (always allowed):
-  // it lets every chunk skip hopeless tokens from its start. The margin covers the rounding
-  // difference between this scalar noise and the vector noise of the same token.
+  // A lower bound on the winning value, from the noisy values of allowed high-scoring
+  // tokens: it lets every chunk skip hopeless tokens from its start. The margin covers the
+  // rounding difference between this scalar noise and the vector noise of the same token.
   float noise_floor = -INFINITY;
   if (!greedy) {
-    // The first token at the max, in the first chunk whose max it is.
-    int64_t top = 0;
-    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      if (part3[chunk].max == lse_z.max) { top = chunk * kChunk; break; }
+    float best_known = -INFINITY;
+    for (const int64_t j : {top_c, top_cd, top_in, top_out, top_z}) {
+      if (j < 0) continue;
+      const float zj = z.at(j);
+      if (zj == -INFINITY || !(zj >= allowed_threshold)) continue;
+      best_known = std::max(best_known, zj / temperature + gumbel_noise(p.seed, static_cast<uint32_t>(j), p.position));
     }
-    while (top + 1 < vocab && z[top] != lse_z.max) ++top;
-    const float top_value = z[top] / temperature + gumbel_noise(p.seed, static_cast<uint32_t>(top), p.position);
-    noise_floor = top_value - 1e-3f * std::max(1.0f, std::fabs(top_value));
+    if (best_known != -INFINITY) noise_floor = best_known - 1e-3f * std::max(1.0f, std::fabs(best_known));
   }
-  std::vector<Best> part5(num_chunks);
+  std::vector<Best> part2(num_chunks);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
     Best best;
     if (greedy) {
-      first_argmax(z + begin, end - begin, begin, &best);
+      scores_argmax(z, begin, end, &best);
     } else {
       gumbel_argmax(z, begin, end, temperature, allowed_threshold, noise_floor, p.seed, p.position, &best);
     }
-    part5[chunk] = best;
+    part2[chunk] = best;
   });
   Best best;
-  for (const auto& part : part5) {
+  for (const auto& part : part2) {
     if (part.token >= 0 && (best.token < 0 || part.value > best.value)) best = part;
   }
   if (best.token < 0) { result.status = kRowNoToken; return result; }
   result.token = best.token;
-  result.logprob = z[best.token] - log_z_z;
+  result.logprob = z.at(best.token) - log_z_z;
   return result;
 }
 
@@ -930,11 +1407,11 @@ void eft_sample_kernel(const EftSampleCpuArgs& a) {
     const int64_t threads = at::get_num_threads();
     if (batch >= threads || vocab_size <= kChunk) {
       at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-        Scratch scratch(vocab_size);
+        Scratch& scratch = thread_scratch(vocab_size);
         for (int64_t b = begin; b < end; ++b) run_row(b, /*parallel=*/false, scratch);
       });
     } else {
-      Scratch scratch(vocab_size);
+      Scratch& scratch = thread_scratch(vocab_size);
       for (int64_t b = 0; b < batch; ++b) run_row(b, /*parallel=*/true, scratch);
     }
   });
