@@ -49,10 +49,9 @@ def test_reward_interpolation_matches_reference(rng, num_tuned, per_model):
     assert_backend_matches(inputs, run_backend(inputs, "cpu", True), check_rows=True)
 
 
-def test_vocab_split_path_matches_row_path(rng):
-    # Fewer rows than threads splits each row's vocabulary across threads; the chunked merge
-    # must give the same tokens and (bit-identical) log-probs as one row at a time.
-    inputs = random_inputs(rng, batch=1, vocab=70001, filters=True)
+def _split_and_serial(inputs):
+    """The cpu backend's outputs on two threads (one row: its vocabulary is split across them)
+    and on one."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -61,6 +60,13 @@ def test_vocab_split_path_matches_row_path(rng):
         serial = run_backend(inputs, "cpu", True)
     finally:
         torch.set_num_threads(threads)
+    return split, serial
+
+
+def test_vocab_split_path_matches_row_path(rng):
+    # Fewer rows than threads splits each row's vocabulary across threads; the chunked merge
+    # must give the same tokens and (bit-identical) log-probs as one row at a time.
+    split, serial = _split_and_serial(random_inputs(rng, batch=1, vocab=70001, filters=True))
     for a, b in zip(split, serial):
         assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()))
 
@@ -104,14 +110,7 @@ def test_vocab_split_truncation_is_bit_identical(rng, weight_top_p):
     # With truncation the split of the tokens into candidates happens inside pass 1 on one
     # thread and after it when the vocabulary is split: the bits must not change.
     inputs = _fixed_inputs(rng, torch.randn(3, 1, 70001, generator=rng) * 4, weight_top_p=weight_top_p)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        split = run_backend(inputs, "cpu", True)
-        torch.set_num_threads(1)
-        serial = run_backend(inputs, "cpu", True)
-    finally:
-        torch.set_num_threads(threads)
+    split, serial = _split_and_serial(inputs)
     for a, b in zip(split, serial):
         assert torch.equal(a, b)
 
