@@ -289,6 +289,16 @@ inline float horizontal_sum(Vec v) {
   return s;
 }
 
+// Lane maximum of values that are not NaN (a row with a NaN is an error and its maxima are
+// never used): one instruction, where at::vec::maximum also propagates NaN.
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec max_v(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vec max_v(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+#else
+inline Vec max_v(Vec a, Vec b) { return at::vec::maximum(a, b); }
+#endif
+
 // Truncation: the split of one chunk's tokens at the candidate floor. The candidates
 // (token, c, d) go to the chunk's region of the candidate buffers; of the others only
 // sum exp(c - max c of the chunk) is kept. Pass 1 splits while it sums exponentials
@@ -304,13 +314,13 @@ struct CandidateSplit {
   float below_tail = 0.0f;
   int32_t count = 0;
 
-  // Elements j .. j + Vec::size() - 1, e = exp(c - max).
-  void block(int64_t j, Vec cv, Vec e, const float* d) {
+  // Elements j .. j + Vec::size() - 1: c, e = exp(c - max) and d.
+  void block(int64_t j, Vec cv, Vec e, Vec dv) {
     const Mask is_cand = ge(cv, Vec(floor));
     below_v = below_v + select(is_cand, Vec(0.0f), e);
     if (mask_bits(is_cand) == 0) return;
     compress_store(is_cand, cv, cand_c + count);
-    compress_store(is_cand, Vec::loadu(d + j), cand_d + count);
+    compress_store(is_cand, dv, cand_d + count);
     count += compress_store_ids(is_cand, first_token + static_cast<int32_t>(j), token + count);
   }
   void one(int64_t j, float c, float e, float d) {
@@ -326,16 +336,25 @@ struct CandidateSplit {
 };
 
 // Candidates need c >= max(max c of the chunk, log-sum-exp of c over the chunks before it)
-// + offset (see sample_row); a masked c (-inf) never is one.
+// + offset (see sample_row); a masked c (-inf) never is one. The floor is lowered by a
+// margin far above the rounding of the values it is made of.
 inline float candidate_floor(float chunk_max, float log_mass_before, float offset) {
-  return std::max(std::max(chunk_max, log_mass_before) + offset, -std::numeric_limits<float>::max());
+  const float v = std::max(chunk_max, log_mass_before) + offset;
+  return std::max(v - (0.01f + 1e-5f * std::fabs(v)), -std::numeric_limits<float>::max());
 }
+
+// What pass 1 writes to scratch when there is a knowledge model (draft mode: c):
+enum class Pass1Store {
+  kScore,  // f = c + d, masked: z up to a constant of the row (no truncation)
+  kC,      // c, and the maxima of x_K and x_R0 (truncation; d is formed where needed)
+  kCAndD,  // c and d, and every maximum
+};
 
 // Pass 1 over one chunk of a row, fp32 inputs (nullptr = absent):
 //   c = x_R0 + sum_r beta_r (x_T[r] - x_R[r]), -inf where any of its logits is -inf,
-//   d = x_K - x_R0 (knowledge given), the maxima, and whether any logit is NaN or +inf or c
-//   overflowed, in one loop; then, over the (cached) chunk, the sums of exponentials that
-//   the row needs, which depend on the mode:
+//   d = x_K - x_R0 (knowledge given), what `store` asks for into scratch, the maxima, and
+//   whether any logit is NaN or +inf or c overflowed, in one loop; then, over the (cached)
+//   chunk, the sums of exponentials that the row needs, which depend on the mode:
 //   - draft mode (no knowledge model): z = s = c - lse_c, so the log-sum-exp of c;
 //   - no truncation (weight_top_p = 1): z = c + d + (a constant of the row), so the
 //     log-sum-exp of c + d, and nothing else (the constant cancels in sampling and in
@@ -353,6 +372,7 @@ struct Pass1Inputs {
   const float* beta = nullptr;
   int num_tuned = 0;
   int32_t first_token = 0;  // token id of element 0
+  Pass1Store store = Pass1Store::kCAndD;
   // Truncation: the sums of exp(c), exp(x_K) and exp(x_R0), and (split) the split of the
   // tokens into candidates for S and the others (CandidateSplit).
   bool truncate = false;
@@ -368,6 +388,7 @@ struct Pass1Inputs {
   // (the first loop waits on memory, the second on arithmetic).
   static constexpr int kMaxPrefetch = 4;
   const char* prefetch[kMaxPrefetch] = {};
+  int num_prefetch = 0;
   int64_t prefetch_bytes = 0;
 };
 struct Pass1Result {
@@ -396,103 +417,148 @@ inline float small_policy_scalar(const Pass1Inputs& in, int64_t j, bool* bad) {
   return c;
 }
 
+// The maxima of pass 1's first loop, per lane.
+struct Pass1Maxima {
+  Vec c = Vec(-INFINITY), k = Vec(-INFINITY), r = Vec(-INFINITY), cd = Vec(-INFINITY);
+  Mask bad = mask_none();
+};
+
+// Pass 1's first loop over the whole vectors of a chunk: reads the logits once and writes
+// what kStore asks for (c, or f = c + d, and d), with the maxima. kOneTuned: one tuned
+// model on the shared reference (or none), every pointer in a register; the same c.
+template <bool kOneTuned, bool kHasK, Pass1Store kStore>
+Pass1Maxima pass1_vectors(const Pass1Inputs& in, int64_t nv, float* c, float* d) {
+  constexpr int kW = Vec::size();
+  Pass1Maxima m;
+  Mask bad = mask_none();
+  Vec max_c(-INFINITY), max_k(-INFINITY), max_r(-INFINITY), max_cd(-INFINITY);
+  const float* ref0 = in.ref0;
+  const float* tuned0 = in.tuned[0];
+  const float* knowledge = in.knowledge;
+  const Vec beta0(in.beta[0]);
+  for (int64_t j = 0; j < nv; j += kW) {
+    const Vec x0 = ref0 ? Vec::loadu(ref0 + j) : Vec(0.0f);
+    Mask neg = is_neg_inf_v(x0);
+    bad = bad | is_bad_v(x0);
+    Vec cv = x0;
+    if constexpr (kOneTuned) {
+      const Vec t = Vec::loadu(tuned0 + j);
+      bad = bad | is_bad_v(t);
+      neg = neg | is_neg_inf_v(t);
+      cv = cv + beta0 * (t - x0);
+    } else {
+      for (int r = 0; r < in.num_tuned; ++r) {
+        const Vec t = Vec::loadu(in.tuned[r] + j);
+        Vec rr = in.shared_ref ? x0 : Vec(0.0f);
+        if (in.ref[r]) {
+          rr = Vec::loadu(in.ref[r] + j);
+          bad = bad | is_bad_v(rr);
+          neg = neg | is_neg_inf_v(rr);
+        }
+        bad = bad | is_bad_v(t);
+        neg = neg | is_neg_inf_v(t);
+        cv = cv + Vec(in.beta[r]) * (t - rr);
+      }
+    }
+    cv = select(neg, Vec(-INFINITY), cv);
+    bad = bad | is_bad_v(cv);
+    if constexpr (!kHasK) {
+      cv.store(c + j);
+      max_c = max_v(max_c, cv);
+    } else {
+      const Vec k = Vec::loadu(knowledge + j);
+      bad = bad | is_bad_v(k);
+      const Vec dv = k - x0;
+      if constexpr (kStore == Pass1Store::kScore) {
+        const Vec f = masked_sum(cv, dv);
+        f.store(c + j);
+        max_cd = max_v(max_cd, f);
+      } else {
+        cv.store(c + j);
+        max_c = max_v(max_c, cv);
+        max_k = max_v(max_k, k);
+        max_r = max_v(max_r, x0);
+        if constexpr (kStore == Pass1Store::kCAndD) {
+          dv.store(d + j);
+          max_cd = max_v(max_cd, masked_sum(cv, dv));
+        }
+      }
+    }
+  }
+  m.c = max_c;
+  m.k = max_k;
+  m.r = max_r;
+  m.cd = max_cd;
+  m.bad = bad;
+  return m;
+}
+
+template <bool kOneTuned>
+Pass1Maxima pass1_vectors_for(const Pass1Inputs& in, int64_t nv, float* c, float* d) {
+  if (in.knowledge == nullptr) return pass1_vectors<kOneTuned, false, Pass1Store::kC>(in, nv, c, d);
+  switch (in.store) {
+    case Pass1Store::kScore: return pass1_vectors<kOneTuned, true, Pass1Store::kScore>(in, nv, c, d);
+    case Pass1Store::kC: return pass1_vectors<kOneTuned, true, Pass1Store::kC>(in, nv, c, d);
+    default: return pass1_vectors<kOneTuned, true, Pass1Store::kCAndD>(in, nv, c, d);
+  }
+}
+
+// Pass 1 over one chunk: c (draft mode), f = c + d (kScore, into c) or c and d (into c, d),
+// then the sums of exponentials. Returns the chunk's maxima and sums; with kScore the
+// statistics of f are in `cd`.
 Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   constexpr int kW = Vec::size();
   const int64_t nv = n - n % kW;
-  Mask bad = mask_none();
-  Vec max_c(-INFINITY), max_k(-INFINITY), max_r(-INFINITY), max_cd(-INFINITY);
   const bool has_k = in.knowledge != nullptr;
-  // The common case, one tuned model on the shared reference (or none), has its own copy
-  // of the loop with every pointer in a register; it computes the same c.
-  auto first_loop = [&](auto one_tuned) {
-    constexpr bool kOneTuned = decltype(one_tuned)::value;
-    const float* ref0 = in.ref0;
-    const float* tuned0 = in.tuned[0];
-    const float* knowledge = in.knowledge;
-    const Vec beta0(in.beta[0]);
-    for (int64_t j = 0; j < nv; j += kW) {
-      const Vec x0 = ref0 ? Vec::loadu(ref0 + j) : Vec(0.0f);
-      Mask neg = is_neg_inf_v(x0);
-      bad = bad | is_bad_v(x0);
-      Vec cv = x0;
-      if constexpr (kOneTuned) {
-        const Vec t = Vec::loadu(tuned0 + j);
-        bad = bad | is_bad_v(t);
-        neg = neg | is_neg_inf_v(t);
-        cv = cv + beta0 * (t - x0);
-      } else {
-        for (int r = 0; r < in.num_tuned; ++r) {
-          const Vec t = Vec::loadu(in.tuned[r] + j);
-          Vec rr = in.shared_ref ? x0 : Vec(0.0f);
-          if (in.ref[r]) {
-            rr = Vec::loadu(in.ref[r] + j);
-            bad = bad | is_bad_v(rr);
-            neg = neg | is_neg_inf_v(rr);
-          }
-          bad = bad | is_bad_v(t);
-          neg = neg | is_neg_inf_v(t);
-          cv = cv + Vec(in.beta[r]) * (t - rr);
-        }
-      }
-      cv = select(neg, Vec(-INFINITY), cv);
-      bad = bad | is_bad_v(cv);
-      cv.store(c + j);
-      max_c = at::vec::maximum(max_c, cv);
-      if (knowledge != nullptr) {
-        const Vec k = Vec::loadu(knowledge + j);
-        bad = bad | is_bad_v(k);
-        const Vec dv = k - x0;
-        dv.store(d + j);
-        max_k = at::vec::maximum(max_k, k);
-        max_r = at::vec::maximum(max_r, x0);
-        max_cd = at::vec::maximum(max_cd, masked_sum(cv, dv));
-      }
-    }
-  };
+  const bool score_only = has_k && in.store == Pass1Store::kScore;
+  const bool store_d = has_k && in.store == Pass1Store::kCAndD;
   // x_R[0] is x_R0 (shared) or 0 (no reference): the tuned model's reference is x0.
-  if (in.num_tuned == 1 && in.ref[0] == nullptr && (in.shared_ref || in.ref0 == nullptr)) {
-    first_loop(std::true_type{});
-  } else {
-    first_loop(std::false_type{});
-  }
+  const Pass1Maxima vmax = in.num_tuned == 1 && in.ref[0] == nullptr && (in.shared_ref || in.ref0 == nullptr)
+      ? pass1_vectors_for<true>(in, nv, c, d)
+      : pass1_vectors_for<false>(in, nv, c, d);
   bool bad_tail = false;
   float mc = -INFINITY, mk = -INFINITY, mr = -INFINITY, mcd = -INFINITY;
   for (int64_t j = nv; j < n; ++j) {
-    c[j] = small_policy_scalar(in, j, &bad_tail);
-    mc = std::max(mc, c[j]);
-    if (has_k) {
-      const float k = in.knowledge[j];
-      bad_tail |= is_bad_logit(k);
-      d[j] = k - in.ref0[j];
-      mk = std::max(mk, k);
-      mr = std::max(mr, in.ref0[j]);
-      mcd = std::max(mcd, masked_sum(c[j], d[j]));
+    const float cj = small_policy_scalar(in, j, &bad_tail);
+    if (!has_k) {
+      c[j] = cj;
+      mc = std::max(mc, cj);
+      continue;
+    }
+    const float k = in.knowledge[j];
+    bad_tail |= is_bad_logit(k);
+    const float dj = k - in.ref0[j];
+    if (score_only) {
+      c[j] = masked_sum(cj, dj);
+      mcd = std::max(mcd, c[j]);
+      continue;
+    }
+    c[j] = cj;
+    mc = std::max(mc, cj);
+    mk = std::max(mk, k);
+    mr = std::max(mr, in.ref0[j]);
+    if (store_d) {
+      d[j] = dj;
+      mcd = std::max(mcd, masked_sum(cj, dj));
     }
   }
   Pass1Result out;
-  out.bad = any(bad) || bad_tail;
+  out.bad = any(vmax.bad) || bad_tail;
   if (out.bad) return out;  // the row is an error; nothing else is used
   // No NaN is left, so the maxima are plain maxima.
-  mc = horizontal_max(max_c, mc);
-  mk = horizontal_max(max_k, mk);
-  mr = horizontal_max(max_r, mr);
-  mcd = horizontal_max(max_cd, mcd);
+  mc = horizontal_max(vmax.c, mc);
+  mk = horizontal_max(vmax.k, mk);
+  mr = horizontal_max(vmax.r, mr);
+  mcd = horizontal_max(vmax.cd, mcd);
   // Sums of exp(x - max). A max of -inf (every lane masked) gives an empty sum.
   auto origin = [](float m) { return m == -INFINITY ? 0.0f : m; };
   const float oc = origin(mc), ok = origin(mk), orr = origin(mr), ocd = origin(mcd);
   Vec sc(0.0f), sk(0.0f), sr(0.0f), scd(0.0f);
   const Vec voc(oc), vok(ok), vor(orr), vocd(ocd);
-  const float floor_scalar = candidate_floor(mc, in.log_mass_before, in.cand_offset);
-  const char* prefetch[Pass1Inputs::kMaxPrefetch];
-  int num_prefetch = 0;
-  for (const char* p : in.prefetch) {
-    if (p != nullptr) prefetch[num_prefetch++] = p;
-  }
   int64_t prefetched = 0;
-  const int64_t prefetch_bytes = in.prefetch_bytes;
-  auto prefetch_next = [&] {
-    if (prefetched >= prefetch_bytes) return;
-    for (int q = 0; q < num_prefetch; ++q) __builtin_prefetch(prefetch[q] + prefetched, 0, 2);
+  auto prefetch_next = [&, bytes = in.prefetch_bytes, num = in.num_prefetch] {
+    if (prefetched >= bytes) return;
+    for (int q = 0; q < num; ++q) __builtin_prefetch(in.prefetch[q] + prefetched, 0, 2);
     prefetched += 64;
   };
   float tc = 0.0f, tk = 0.0f, tr = 0.0f, tcd = 0.0f, tbelow = 0.0f;
@@ -505,8 +571,15 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
     }
     tc = horizontal_sum(sc);
     for (int64_t j = nv; j < n; ++j) tc += std::exp(c[j] - oc);
+  } else if (score_only) {
+    // f = c + d is z up to a constant: its log-sum-exp is all that is needed.
+    for (int64_t j = 0; j < nv; j += kW) {
+      prefetch_next();
+      scd = scd + exp_nonpositive(Vec::loadu(c + j) - vocd);
+    }
+    tcd = horizontal_sum(scd);
+    for (int64_t j = nv; j < n; ++j) tcd += std::exp(c[j] - ocd);
   } else if (!in.truncate) {
-    // z = c + d up to a constant: its log-sum-exp is all that is needed.
     for (int64_t j = 0; j < nv; j += kW) {
       prefetch_next();
       scd = scd + exp_nonpositive(masked_sum(Vec::loadu(c + j), Vec::loadu(d + j)) - vocd);
@@ -515,6 +588,7 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
     for (int64_t j = nv; j < n; ++j) tcd += std::exp(masked_sum(c[j], d[j]) - ocd);
   } else {
     // Truncation: the log-sum-exps of c, x_K and x_R0, and the candidates.
+    const float floor_scalar = candidate_floor(mc, in.log_mass_before, in.cand_offset);
     CandidateSplit split{floor_scalar, in.first_token, in.cand_token, in.cand_c, in.cand_d};
     for (int64_t j = 0; j < nv; j += kW) {
       prefetch_next();
@@ -524,7 +598,7 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
       sc = sc + e;
       sk = sk + exp_nonpositive(k - vok);
       sr = sr + exp_nonpositive(x0 - vor);
-      if (in.split) split.block(j, cv, e, d);
+      if (in.split) split.block(j, cv, e, k - x0);
     }
     tc = horizontal_sum(sc);
     tk = horizontal_sum(sk);
@@ -534,14 +608,13 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
       tc += e;
       tk += std::exp(in.knowledge[j] - ok);
       tr += std::exp(in.ref0[j] - orr);
-      if (in.split) split.one(j, c[j], e, d[j]);
+      if (in.split) split.one(j, c[j], e, in.knowledge[j] - in.ref0[j]);
     }
     tbelow = split.below();
     num_cand = split.count;
   }
   // The maxima are always set (the callers use them); the sums only where computed.
-  out.c.max = mc;
-  out.c.sum = tc;
+  out.c = OnlineLse{mc, tc};
   if (has_k) {
     out.k = OnlineLse{mk, tk};
     out.r0 = OnlineLse{mr, tr};
@@ -561,7 +634,7 @@ void split_chunk(const float* c, const float* d, int64_t n, float c_max, Candida
   const int64_t nv = n - n % kW;
   for (int64_t j = 0; j < nv; j += kW) {
     const Vec cv = Vec::loadu(c + j);
-    split.block(j, cv, exp_nonpositive(cv - voc), d);
+    split.block(j, cv, exp_nonpositive(cv - voc), Vec::loadu(d + j));
   }
   for (int64_t j = nv; j < n; ++j) split.one(j, c[j], std::exp(c[j] - oc), d[j]);
 }
@@ -594,27 +667,101 @@ struct Scores {
     return of(_mm512_maskz_loadu_ps(valid, c + j), d == nullptr ? Vec(0.0f) : Vec(_mm512_maskz_loadu_ps(valid, d + j)));
   }
 #endif
+  // The scores of the positions from `first` on.
+  Scores from(int64_t first) const { return Scores{c + first, d == nullptr ? nullptr : d + first, log_z_c, tau, shift}; }
+};
+
+// Where the samplers below read scores: positions i = 0 .. n - 1, position i holding token
+// token(i) (increasing in i) with score at(i); load(i) gives the scores of positions
+// i .. i + Vec::size() - 1 with the same operations, and on AVX-512 load(valid, i) and
+// tokens(valid, i) those of the lanes in `valid`.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512i lane_ids() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+#endif
+
+// Consecutive tokens first_token + i, scored by Scores.
+struct RangeScores {
+  Scores z;
+  int64_t first_token;
+  float at(int64_t i) const { return z.at(i); }
+  Vec load(int64_t i) const { return z.load(i); }
+  int64_t token(int64_t i) const { return first_token + i; }
+#if defined(CPU_CAPABILITY_AVX512)
+  Vec load(__mmask16 valid, int64_t i) const { return z.load(valid, i); }
+  __m512i tokens(__mmask16, int64_t i) const {
+    return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first_token + i)), lane_ids());
+  }
+#endif
+};
+
+// Consecutive tokens outside the truncation set: z = s = c - log_z_c, and -inf for the
+// members of the set (c >= tau), which SetScores scores.
+struct OutsideSetScores {
+  const float* c;
+  float log_z_c;
+  float tau;
+  int64_t first_token;
+  float at(int64_t i) const { return c[i] >= tau ? -INFINITY : c[i] - log_z_c; }
+  Vec of(Vec cv) const { return select(ge(cv, Vec(tau)), Vec(-INFINITY), cv - Vec(log_z_c)); }
+  Vec load(int64_t i) const { return of(Vec::loadu(c + i)); }
+  int64_t token(int64_t i) const { return first_token + i; }
+#if defined(CPU_CAPABILITY_AVX512)
+  Vec load(__mmask16 valid, int64_t i) const { return of(_mm512_maskz_loadu_ps(valid, c + i)); }
+  __m512i tokens(__mmask16, int64_t i) const {
+    return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first_token + i)), lane_ids());
+  }
+#endif
+};
+
+// The members of the truncation set, listed as (token, c, d) in token order (c is finite):
+// z = s + (d + shift), -inf where d is (the knowledge model masks the token). The same
+// operations as Scores inside the set.
+struct SetScores {
+  const int32_t* token_ids;
+  const float* c;
+  const float* d;
+  float log_z_c;
+  float shift;
+  float at(int64_t i) const { return eft_score(c[i] - log_z_c, true, d[i], shift); }
+  Vec of(Vec cv, Vec dv) const {
+    return select(is_neg_inf_v(dv), Vec(-INFINITY), (cv - Vec(log_z_c)) + (dv + Vec(shift)));
+  }
+  Vec load(int64_t i) const { return of(Vec::loadu(c + i), Vec::loadu(d + i)); }
+  int64_t token(int64_t i) const { return token_ids[i]; }
+#if defined(CPU_CAPABILITY_AVX512)
+  Vec load(__mmask16 valid, int64_t i) const {
+    return of(_mm512_maskz_loadu_ps(valid, c + i), _mm512_maskz_loadu_ps(valid, d + i));
+  }
+  __m512i tokens(__mmask16 valid, int64_t i) const { return _mm512_maskz_loadu_epi32(valid, token_ids + i); }
+#endif
 };
 
 struct Best {
   float value = -INFINITY;
   int64_t token = -1;
+  // Whether (value, token) wins over this: a larger value, or the same value at a lower
+  // token (ties go to the lowest index, whatever order the tokens are visited in).
+  bool beaten_by(float v, int64_t t) const { return token < 0 || v > value || (v == value && t < token); }
+  void fold(const Best& other) {
+    if (other.token >= 0 && beaten_by(other.value, other.token)) *this = other;
+  }
 };
 
-// Gumbel-max over the tokens j in [begin, end) with z_j >= allowed_threshold: the first
-// maximum of value_j = z_j / T + g_j, folded into *best_out. Only tokens that can still win
-// get their exact noise, in three stages that keep index order:
-//   1. g < kGumbelMax: j is a candidate only if z_j / T + kGumbelMax can reach the bound
-//      max(best value, noise_floor) (one compare of z_j against a cutoff);
+// Gumbel-max over positions [0, n) of a score source with z >= allowed_threshold: the
+// maximum of value = z / T + g, folded into *best_out (Best's tie rule). Only tokens that
+// can still win get their exact noise, in three stages:
+//   1. g < kGumbelMax: a token is a candidate only if z / T + kGumbelMax can reach the bound
+//      max(best value, noise_floor) (one compare of z against a cutoff);
 //   2. the candidates' Philox words; g is increasing in the word, so NoiseBound gives a much
 //      tighter bound per word and drops most candidates;
 //   3. the survivors' logarithms and values, in blocks.
-// Every test is conservative (the margins exceed the rounding), so the result is the first
-// maximum of value_j over all allowed tokens, with the noise of gumbel_from_words.
+// Every test is conservative (the margins exceed the rounding), so the result is the
+// maximum of value over all allowed tokens, with the noise of gumbel_from_words.
 constexpr int kCandidates = kNoiseBlock;  // stage-1 block
 constexpr int kSurvivors = 32;            // stage-3 buffer, flushed from 16 entries on
-void gumbel_argmax(const Scores& z, int64_t begin, int64_t end, float temperature, float allowed_threshold,
-                   float noise_floor, uint64_t seed, uint32_t position, Best* best_out) {
+template <typename Source>
+void gumbel_argmax(const Source& src, int64_t n, float temperature, float allowed_threshold, float noise_floor,
+                   uint64_t seed, uint32_t position, Best* best_out) {
   Best best = *best_out;
   alignas(64) uint32_t cand[kCandidates], words[kCandidates];
   alignas(64) float cand_z[kCandidates];
@@ -624,7 +771,7 @@ void gumbel_argmax(const Scores& z, int64_t begin, int64_t end, float temperatur
   float bound = -INFINITY, cutoff = -INFINITY;
   auto update_bounds = [&] {
     bound = std::max(best.value, noise_floor);
-    // z_j < cutoff implies z_j / T + kGumbelMax < bound with room to spare for rounding.
+    // z < cutoff implies z / T + kGumbelMax < bound with room to spare for rounding.
     const float zb = (bound - kGumbelMax) * temperature;
     cutoff = std::max(allowed_threshold, zb - 1e-3f * std::max(1.0f, std::fabs(zb)));
   };
@@ -633,7 +780,7 @@ void gumbel_argmax(const Scores& z, int64_t begin, int64_t end, float temperatur
     gumbel_from_words(surv_w, ns, noise);
     for (int i = 0; i < ns; ++i) {
       const float value = noise[i] + surv_zt[i];
-      if (value > best.value || best.token < 0) {
+      if (best.beaten_by(value, surv[i])) {
         best.value = value;
         best.token = surv[i];
       }
@@ -678,39 +825,37 @@ void gumbel_argmax(const Scores& z, int64_t begin, int64_t end, float temperatur
     nc = 0;
   };
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t j = begin; j < end; j += 16) {
-    const __mmask16 valid = end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
-    const __m512 zv = z.load(valid, j);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __m512 zv = src.load(valid, i);
     const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, zv, _mm512_set1_ps(cutoff), _CMP_GE_OQ);
     if (m == 0) continue;
-    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), iota);
-    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi32(m, idx));
+    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi32(m, src.tokens(valid, i)));
     _mm512_storeu_ps(cand_z + nc, _mm512_maskz_compress_ps(m, zv));
     nc += __builtin_popcount(m);
     if (nc > kCandidates - 16) flush_candidates();
   }
 #else
   constexpr int kW = Vec::size();
-  int64_t j = begin;
-  for (; j + kW <= end; j += kW) {
-    const Vec zv = z.load(j);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const Vec zv = src.load(i);
     uint32_t bits = mask_bits(ge(zv, Vec(cutoff)));
     if (bits == 0) continue;
     alignas(64) float lanes[kW];
     zv.store(lanes);
     for (; bits != 0; bits &= bits - 1) {
-      const int i = __builtin_ctz(bits);
-      cand[nc] = static_cast<uint32_t>(j + i);
-      cand_z[nc++] = lanes[i];
+      const int lane = __builtin_ctz(bits);
+      cand[nc] = static_cast<uint32_t>(src.token(i + lane));
+      cand_z[nc++] = lanes[lane];
       if (nc == kCandidates) flush_candidates();
     }
   }
-  for (; j < end; ++j) {
-    const float zj = z.at(j);
-    cand[nc] = static_cast<uint32_t>(j);
-    cand_z[nc] = zj;
-    nc += zj >= cutoff;
+  for (; i < n; ++i) {
+    const float zi = src.at(i);
+    cand[nc] = static_cast<uint32_t>(src.token(i));
+    cand_z[nc] = zi;
+    nc += zi >= cutoff;
     if (nc == kCandidates) flush_candidates();
   }
 #endif
@@ -754,17 +899,24 @@ int64_t first_equal(int64_t begin, int64_t end, float target, const VecValue& ve
   return -1;
 }
 
-// Folds the scores of [begin, end) into best: the largest finite value, lowest index on ties.
-void scores_argmax(const Scores& z, int64_t begin, int64_t end, Best* best) {
+// The first position of [0, n) whose score is `target`, -1 if none.
+template <typename Source>
+int64_t first_at(const Source& src, int64_t n, float target) {
+  return first_equal(0, n, target, [&](int64_t i) { return src.load(i); }, [&](int64_t i) { return src.at(i); });
+}
+
+// Folds the largest finite score of positions [0, n) into best (Best's tie rule).
+template <typename Source>
+void scores_argmax(const Source& src, int64_t n, Best* best) {
   constexpr int kW = Vec::size();
   Vec vmax(-INFINITY);
-  int64_t j = begin;
-  for (; j + kW <= end; j += kW) vmax = at::vec::maximum(vmax, z.load(j));
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) vmax = max_v(vmax, src.load(i));
   float mx = horizontal_max(vmax, -INFINITY);
-  for (; j < end; ++j) mx = std::max(mx, z.at(j));
-  if (mx == -INFINITY || (best->token >= 0 && !(mx > best->value))) return;
-  best->value = mx;
-  best->token = first_equal(begin, end, mx, [&](int64_t i) { return z.load(i); }, [&](int64_t i) { return z.at(i); });
+  for (; i < n; ++i) mx = std::max(mx, src.at(i));
+  if (mx == -INFINITY || !(best->token < 0 || mx >= best->value)) return;
+  const int64_t token = src.token(first_at(src, n, mx));
+  if (best->beaten_by(mx, token)) *best = Best{mx, token};
 }
 
 // Pointers and strides of one row's inputs, read as T (float, BFloat16 or Half).
@@ -950,13 +1102,13 @@ using Buffer = std::unique_ptr<U[]>;
 
 struct Scratch {
   int64_t vocab;
-  Buffer<float> c, d;  // pass 1: c and d = x_K - x_R0; c becomes z when the filters need it
+  Buffer<float> c, d;  // pass 1: c (or f) and d = x_K - x_R0; c becomes z when the filters need it
   Buffer<float> w;     // weights of the filters' radix select
   Buffer<uint32_t> key;
-  // Truncation candidates (token, c, d), chunk k's from k * kChunkRoom on, and the weights
-  // and working copies of the threshold selection.
-  Buffer<int32_t> cand_token, in_token;
-  Buffer<float> cand_c, cand_d, cand_w, select_v, select_w;
+  // Truncation candidates (token, c, d), chunk k's from k * kChunkRoom on, their weights,
+  // the working copies of the threshold selection, and the members of S (token, c, d).
+  Buffer<int32_t> cand_token, set_token;
+  Buffer<float> cand_c, cand_d, cand_w, select_v, select_w, set_c, set_d;
   std::unique_ptr<RadixSelect> radix_;
   explicit Scratch(int64_t v)
       : vocab(v), c(std::make_unique_for_overwrite<float[]>(v)), d(std::make_unique_for_overwrite<float[]>(v)) {}
@@ -972,8 +1124,10 @@ struct Scratch {
     if (cand_token) return;
     const int64_t room = (vocab + kChunk - 1) / kChunk * kChunkRoom;
     cand_token = std::make_unique_for_overwrite<int32_t[]>(room);
-    in_token = std::make_unique_for_overwrite<int32_t[]>(room);
-    for (auto* b : {&cand_c, &cand_d, &cand_w, &select_v, &select_w}) *b = std::make_unique_for_overwrite<float[]>(room);
+    set_token = std::make_unique_for_overwrite<int32_t[]>(room);
+    for (auto* b : {&cand_c, &cand_d, &cand_w, &select_v, &select_w, &set_c, &set_d}) {
+      *b = std::make_unique_for_overwrite<float[]>(room);
+    }
   }
 };
 
@@ -985,14 +1139,19 @@ Scratch& thread_scratch(int64_t vocab) {
   return *scratch;
 }
 
-// The truncation set S = {c_j >= tau} (weight_top_p < 1) and the two parts of
-// sum_j exp(z_j) it splits the row into.
+// The truncation set S = {c_j >= tau} (weight_top_p < 1), its members, and the two parts
+// of sum_j exp(z_j) it splits the row into.
 struct Truncation {
   float tau = -INFINITY;            // S = {c_j >= tau}
   float log_mass_in = -INFINITY;   // log sum_{j in S} exp(c_j + d_j)
   float log_mass_out = -INFINITY;  // log sum_{j not in S} exp(c_j)
   // The tokens of largest score on each side: max c + d in S, max c outside (-1: none found).
   int64_t top_in = -1, top_out = -1;
+  // The members of S in token order, (token, c, d) at set_token[i], set_c[i], set_d[i].
+  const int32_t* set_token = nullptr;
+  const float* set_c = nullptr;
+  const float* set_d = nullptr;
+  int64_t set_size = 0;
 };
 
 // tau is the largest c value such that the tokens with c_j >= tau hold at least
@@ -1046,10 +1205,11 @@ Truncation truncate_row(const std::vector<Pass1Result>& part1, Scratch& sc, cons
   Truncation t;
   t.tau = select_mass >= target ? select_threshold(select_v, select_w, n_select, target, 0.0f) : row_floor;
   // Over the candidates: the mass below tau joins the mass outside S (with the tokens below
-  // the floors); the members of S are gathered as (token, c + d).
+  // the floors); the members of S are listed as (token, c, d).
   const Vec tau(t.tau);
-  int32_t* in_token = sc.in_token.get();
-  float* in_cd = sc.select_v.get();  // the selection is done with it
+  int32_t* set_token = sc.set_token.get();
+  float* set_c = sc.set_c.get();
+  float* set_d = sc.set_d.get();
   int64_t n_in = 0;
   Vec out_v(0.0f), out_max_v(-INFINITY);
   float out = below, out_max = -INFINITY;
@@ -1063,15 +1223,17 @@ Truncation truncate_row(const std::vector<Pass1Result>& part1, Scratch& sc, cons
       const Vec c = Vec::loadu(cc + i);
       const Mask in = ge(c, tau);
       out_v = out_v + select(in, Vec(0.0f), Vec::loadu(cw + i));
-      out_max_v = at::vec::maximum(out_max_v, select(in, Vec(-INFINITY), c));
+      out_max_v = max_v(out_max_v, select(in, Vec(-INFINITY), c));
       if (mask_bits(in) == 0) continue;
-      compress_store_i32(in, ct + i, in_token + n_in);
-      n_in += compress_store(in, c + Vec::loadu(cd + i), in_cd + n_in);
+      compress_store_i32(in, ct + i, set_token + n_in);
+      compress_store(in, Vec::loadu(cd + i), set_d + n_in);
+      n_in += compress_store(in, c, set_c + n_in);
     }
     for (; i < n; ++i) {
       if (cc[i] >= t.tau) {
-        in_token[n_in] = ct[i];
-        in_cd[n_in++] = cc[i] + cd[i];
+        set_token[n_in] = ct[i];
+        set_d[n_in] = cd[i];
+        set_c[n_in++] = cc[i];
       } else {
         out += cw[i];
         out_max = std::max(out_max, cc[i]);
@@ -1081,6 +1243,10 @@ Truncation truncate_row(const std::vector<Pass1Result>& part1, Scratch& sc, cons
   out += horizontal_sum(out_v);
   out_max = horizontal_max(out_max_v, out_max);
   t.log_mass_out = log_of_scaled(out, c_max);
+  t.set_token = set_token;
+  t.set_c = set_c;
+  t.set_d = set_d;
+  t.set_size = n_in;
   // The top outside S: the first candidate at out_max (below tau, so outside S).
   for (int64_t ch = 0; ch < num_chunks && out_max != -INFINITY && t.top_out < 0; ++ch) {
     const int64_t base = ch * kChunkRoom;
@@ -1089,15 +1255,21 @@ Truncation truncate_row(const std::vector<Pass1Result>& part1, Scratch& sc, cons
                                   [&](int64_t i) { return cc[i]; });
     if (k >= 0) t.top_out = sc.cand_token[base + k];
   }
-  // The mass of S, relative to its max c + d.
-  const float in_max = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, in_cd, n_in);
+  // The mass of S, sum exp(c + d), relative to its max.
+  auto cd_at = [&](int64_t i) { return set_c[i] + set_d[i]; };
+  auto cd_vec = [&](int64_t i) { return Vec::loadu(set_c + i) + Vec::loadu(set_d + i); };
+  Vec in_max_v(-INFINITY);
+  int64_t i = 0;
+  for (; i + kW <= n_in; i += kW) in_max_v = max_v(in_max_v, cd_vec(i));
+  float in_max = horizontal_max(in_max_v, -INFINITY);
+  for (; i < n_in; ++i) in_max = std::max(in_max, cd_at(i));
   if (n_in > 0 && in_max != -INFINITY) {
-    const float in_sum = at::vec::map_reduce_all<float>([in_max](Vec v) { return exp_nonpositive(v - Vec(in_max)); },
-                                                        [](Vec a, Vec b) { return a + b; }, in_cd, n_in);
+    Vec in_sum_v(0.0f);
+    for (i = 0; i + kW <= n_in; i += kW) in_sum_v = in_sum_v + exp_nonpositive(cd_vec(i) - Vec(in_max));
+    float in_sum = horizontal_sum(in_sum_v);
+    for (; i < n_in; ++i) in_sum += std::exp(cd_at(i) - in_max);
     t.log_mass_in = log_of_scaled(in_sum, in_max);
-    const int64_t k = first_equal(0, n_in, in_max, [&](int64_t i) { return Vec::loadu(in_cd + i); },
-                                  [&](int64_t i) { return in_cd[i]; });
-    t.top_in = in_token[k];
+    t.top_in = set_token[first_equal(0, n_in, in_max, cd_vec, cd_at)];
   }
   return t;
 }
@@ -1124,6 +1296,83 @@ int64_t first_at_max(int64_t vocab, float target, const ChunkMax& chunk_max, con
   return -1;
 }
 
+// A lower bound of the winning value: the noisy value of a token known to be allowed,
+// lowered by a margin that covers the rounding difference between this scalar noise and
+// the vector noise of the same token.
+inline float noisy_value_floor(float z, int64_t token, const RowParams& p) {
+  const float v = z / p.temperature + gumbel_noise(p.seed, static_cast<uint32_t>(token), p.position);
+  return v - 1e-3f * std::max(1.0f, std::fabs(v));
+}
+
+// Samples positions [0, n) of one chunk whose largest score is chunk_max into *best
+// (single pass: z is known up to a constant of the row, and every token is allowed).
+template <typename Source>
+void sample_chunk(const Source& src, int64_t n, float chunk_max, const RowParams& p, Best* best) {
+  if (chunk_max == -INFINITY) return;
+  if (p.temperature == 0.0f) {
+    if (best->token >= 0 && chunk_max < best->value) return;
+    const int64_t token = src.token(first_at(src, n, chunk_max));
+    if (best->beaten_by(chunk_max, token)) *best = Best{chunk_max, token};
+    return;
+  }
+  if (best->token >= 0) {
+    // No token of the chunk can reach the best value (the test of gumbel_argmax).
+    const float zb = (best->value - kGumbelMax) * p.temperature;
+    if (chunk_max < zb - 1e-3f * std::max(1.0f, std::fabs(zb))) return;
+  }
+  const int64_t top = src.token(first_at(src, n, chunk_max));
+  const float allowed = threshold_from_key(order_key(-INFINITY) + 1u);
+  gumbel_argmax(src, n, p.temperature, allowed, noisy_value_floor(chunk_max, top, p), p.seed, p.position, best);
+}
+
+// Pass 2 with truncation when z is not needed in memory: S from its list (SetScores), then
+// the tokens outside it from c alone (OutsideSetScores); every token is allowed.
+// high_tokens: tokens of high score whose noisy values bound the winner's from below.
+template <typename T>
+RowResult sample_set_and_rest(const RowInputs<T>& in, const RowParams& p, int64_t vocab, bool parallel,
+                              const float* c, const Truncation& t, float log_z_c, float shift, float log_z_z,
+                              std::initializer_list<int64_t> high_tokens) {
+  RowResult result;
+  // z of one token; d from the logits, with pass 1's subtraction.
+  auto score_at = [&](int64_t j) {
+    const float dj = static_cast<float>(in.knowledge[j]) - static_cast<float>(in.reference[j]);
+    return eft_score(c[j] - log_z_c, c[j] >= t.tau, dj, shift);
+  };
+  const bool greedy = p.temperature == 0.0f;
+  const float allowed = threshold_from_key(order_key(-INFINITY) + 1u);
+  float noise_floor = -INFINITY;
+  for (const int64_t j : high_tokens) {
+    if (greedy || j < 0) continue;
+    const float zj = score_at(j);
+    if (zj != -INFINITY) noise_floor = std::max(noise_floor, noisy_value_floor(zj, j, p));
+  }
+  auto sample = [&](const auto& src, int64_t n, Best* best) {
+    if (greedy) {
+      scores_argmax(src, n, best);
+    } else {
+      gumbel_argmax(src, n, p.temperature, allowed, noise_floor, p.seed, p.position, best);
+    }
+  };
+  Best best;
+  sample(SetScores{t.set_token, t.set_c, t.set_d, log_z_c, shift}, t.set_size, &best);
+  const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
+  std::vector<Best> part2(num_chunks, best);
+  for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, n = std::min(vocab, begin + kChunk) - begin;
+    sample(OutsideSetScores{c + begin, log_z_c, t.tau, begin}, n, parallel ? &part2[chunk] : &best);
+  });
+  if (parallel) {
+    for (const Best& b : part2) best.fold(b);
+  }
+  if (best.token < 0) {
+    result.status = kRowNoToken;
+    return result;
+  }
+  result.token = best.token;
+  result.logprob = score_at(best.token) - log_z_z;
+  return result;
+}
+
 template <typename T>
 RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, bool parallel,
                      Scratch& scratch, float* row_logprobs) {
@@ -1132,17 +1381,36 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   float* c = scratch.c.get();
   float* d = scratch.d.get();
   const bool has_knowledge = in.knowledge != nullptr;
-
+  const bool greedy = p.temperature == 0.0f;
+  const bool top_k_on = !greedy && p.top_k > 0 && p.top_k < vocab;
+  const bool top_p_on = !greedy && p.top_p < 1.0f;
+  const bool filters = top_k_on || top_p_on;
   const bool truncate = has_knowledge && p.weight_top_p < 1.0f;
+  // The filters and the full log softmax(z) row need z of every token in memory. Without
+  // them, and without truncation, z is known up to a constant of the row as soon as pass 1
+  // has a chunk, which is then sampled while it is in cache (single pass); with truncation,
+  // pass 2 samples S from its list and reads only c for the tokens outside it.
+  const bool z_row = filters || row_logprobs != nullptr;
+  const bool single_pass = !truncate && !z_row;
+  const bool set_list = truncate && !z_row;
+  // d is kept when the z row or the parallel candidate split needs it.
+  const Pass1Store store = single_pass ? Pass1Store::kScore
+                                       : (set_list && !parallel ? Pass1Store::kC : Pass1Store::kCAndD);
   if (truncate) scratch.need_candidates();
   // Tokens below max(c) + log((1 - weight_top_p) / V) hold less than 1 - weight_top_p of
   // the mass (each weighs less than (1 - weight_top_p) / V of the max token), so the
-  // threshold is above them; one more unit of margin covers rounding.
+  // threshold is above them (candidate_floor adds a margin for rounding).
   const float cand_offset = truncate
-      ? static_cast<float>(std::log((1.0 - static_cast<double>(p.weight_top_p)) / static_cast<double>(vocab)) - 1.0)
+      ? static_cast<float>(std::log((1.0 - static_cast<double>(p.weight_top_p)) / static_cast<double>(vocab)))
       : 0.0f;
   OnlineLse running;  // of c, over the chunks done (sequential mode only)
-  // Pass 1: logits -> c, d, the log-sum-exps and the truncation candidates (pass1_chunk).
+  // Single pass: the best so far (sequential) or of each chunk (parallel), and its score.
+  std::vector<Best> part2(num_chunks);
+  std::vector<float> part2_score(num_chunks);
+  Best running_best;
+  float running_best_score = NAN;
+  // Pass 1: logits -> c (or f = c + d), d, the log-sum-exps and the truncation candidates
+  // (pass1_chunk).
   std::vector<Pass1Result> part1(num_chunks);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, n = std::min(vocab, begin + kChunk) - begin;
@@ -1176,6 +1444,7 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     }
     pin.shared_ref = in.reference != nullptr && in.reference_model_stride == 0;
     pin.first_token = static_cast<int32_t>(begin);
+    pin.store = store;
     if (truncate) {
       pin.truncate = true;
       pin.split = !parallel;
@@ -1188,16 +1457,27 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     if (!parallel && begin + kChunk < vocab) {
       const int64_t next = begin + kChunk;
       pin.prefetch_bytes = (std::min(vocab, next + kChunk) - next) * static_cast<int64_t>(sizeof(T));
-      int q = 0;
       auto add = [&](const T* src) {
-        if (src != nullptr && q < Pass1Inputs::kMaxPrefetch) pin.prefetch[q++] = reinterpret_cast<const char*>(src + next);
+        if (src != nullptr && pin.num_prefetch < Pass1Inputs::kMaxPrefetch) {
+          pin.prefetch[pin.num_prefetch++] = reinterpret_cast<const char*>(src + next);
+        }
       };
       add(in.reference);
       add(in.knowledge);
       for (int r = 0; r < in.num_tuned; ++r) add(in.tuned + r * in.tuned_model_stride);
     }
-    part1[chunk] = pass1_chunk(pin, n, c + begin, d + begin);
-    if (!parallel) running.merge(part1[chunk].c);
+    // A sequential single pass keeps reusing the start of the scratch: the chunk stays in cache.
+    float* chunk_c = single_pass && !parallel ? c : c + begin;
+    const Pass1Result& part = part1[chunk] = pass1_chunk(pin, n, chunk_c, d + begin);
+    if (!parallel) running.merge(part.c);
+    if (single_pass && !part.bad) {
+      Best& best = parallel ? part2[chunk] : running_best;
+      float& best_score = parallel ? part2_score[chunk] : running_best_score;
+      const int64_t before = best.token;
+      const float chunk_max = has_knowledge ? part.cd.max : part.c.max;
+      sample_chunk(RangeScores{Scores{chunk_c, nullptr, 0.0f, -INFINITY, 0.0f}, begin}, n, chunk_max, p, &best);
+      if (best.token != before) best_score = chunk_c[best.token - begin];
+    }
   });
   if (truncate && parallel && std::none_of(part1.begin(), part1.end(), [](const Pass1Result& r) { return r.bad; })) {
     // The split, with the floors the sequential mode uses (the log-sum-exp of c over the
@@ -1225,14 +1505,31 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     lse_c.merge(part.c);
     lse_cd.merge(part.cd);
   }
+
+  if (single_pass) {
+    // z = f + (a constant of the row): f = c + d, or c in draft mode.
+    const OnlineLse& lse_f = has_knowledge ? lse_cd : lse_c;
+    Best best = running_best;
+    float best_score = running_best_score;
+    for (int64_t chunk = 0; chunk < num_chunks && parallel; ++chunk) {
+      if (part2[chunk].token >= 0 && best.beaten_by(part2[chunk].value, part2[chunk].token)) {
+        best = part2[chunk];
+        best_score = part2_score[chunk];
+      }
+    }
+    if (lse_f.max == -INFINITY || best.token < 0) { result.status = kRowNoToken; return result; }
+    result.token = best.token;
+    result.logprob = best_score - lse_f.value();
+    return result;
+  }
   if (lse_c.max == -INFINITY) { result.status = kRowNoToken; return result; }
 
   // Tokens with high scores, whose noisy values bound the winner's from below: the argmax
-  // of c (the top of s, always in S), the argmax of c + d, and with truncation the tops of
-  // either side of S.
+  // of c (the top of s, always in S), without truncation the argmax of c + d, and with it
+  // the tops of either side of S.
   const int64_t top_c = first_at_max(vocab, lse_c.max, [&](int64_t ch) { return part1[ch].c.max; },
                                      [&](int64_t j) { return Vec::loadu(c + j); }, [&](int64_t j) { return c[j]; });
-  const int64_t top_cd = has_knowledge
+  const int64_t top_cd = has_knowledge && !truncate
       ? first_at_max(vocab, lse_cd.max, [&](int64_t ch) { return part1[ch].cd.max; },
                      [&](int64_t j) { return masked_sum(Vec::loadu(c + j), Vec::loadu(d + j)); },
                      [&](int64_t j) { return masked_sum(c[j], d[j]); })
@@ -1259,6 +1556,10 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     top_in = t.top_in;
     top_out = t.top_out;
     log_z_z = log_add_exp(t.log_mass_in + shift, t.log_mass_out) - log_z_c;
+    if (set_list) {
+      if (log_z_z == -INFINITY) { result.status = kRowNoToken; return result; }
+      return sample_set_and_rest(in, p, vocab, parallel, c, t, log_z_c, shift, log_z_z, {top_c, top_in, top_out});
+    }
   }
   if (row_logprobs != nullptr) {
     for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
@@ -1271,9 +1572,6 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   }
   if (log_z_z == -INFINITY) { result.status = kRowNoToken; return result; }
 
-  const bool greedy = p.temperature == 0.0f;
-  const bool top_k_on = !greedy && p.top_k > 0 && p.top_k < vocab;
-  const bool top_p_on = !greedy && p.top_p < 1.0f;
 
   // Filters: allowed = {key(z_j) >= allowed_key}; key(-inf) is below every finite key. They
   // need z in memory: it overwrites c.
@@ -1328,34 +1626,24 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
   const float allowed_threshold = threshold_from_key(allowed_key);
   const float temperature = p.temperature;
   // A lower bound on the winning value, from the noisy values of allowed high-scoring
-  // tokens: it lets every chunk skip hopeless tokens from its start. The margin covers the
-  // rounding difference between this scalar noise and the vector noise of the same token.
+  // tokens: it lets every chunk skip hopeless tokens from its start.
   float noise_floor = -INFINITY;
-  if (!greedy) {
-    float best_known = -INFINITY;
-    for (const int64_t j : {top_c, top_cd, top_in, top_out, top_z}) {
-      if (j < 0) continue;
-      const float zj = z.at(j);
-      if (zj == -INFINITY || !(zj >= allowed_threshold)) continue;
-      best_known = std::max(best_known, zj / temperature + gumbel_noise(p.seed, static_cast<uint32_t>(j), p.position));
-    }
-    if (best_known != -INFINITY) noise_floor = best_known - 1e-3f * std::max(1.0f, std::fabs(best_known));
+  for (const int64_t j : {top_c, top_cd, top_in, top_out, top_z}) {
+    if (greedy || j < 0) continue;
+    const float zj = z.at(j);
+    if (zj != -INFINITY && zj >= allowed_threshold) noise_floor = std::max(noise_floor, noisy_value_floor(zj, j, p));
   }
-  std::vector<Best> part2(num_chunks);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
-    const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
-    Best best;
+    const int64_t begin = chunk * kChunk, n = std::min(vocab, begin + kChunk) - begin;
+    const RangeScores src{z.from(begin), begin};
     if (greedy) {
-      scores_argmax(z, begin, end, &best);
+      scores_argmax(src, n, &part2[chunk]);
     } else {
-      gumbel_argmax(z, begin, end, temperature, allowed_threshold, noise_floor, p.seed, p.position, &best);
+      gumbel_argmax(src, n, temperature, allowed_threshold, noise_floor, p.seed, p.position, &part2[chunk]);
     }
-    part2[chunk] = best;
   });
   Best best;
-  for (const auto& part : part2) {
-    if (part.token >= 0 && (best.token < 0 || part.value > best.value)) best = part;
-  }
+  for (const Best& part : part2) best.fold(part);
   if (best.token < 0) { result.status = kRowNoToken; return result; }
   result.token = best.token;
   result.logprob = z.at(best.token) - log_z_z;
