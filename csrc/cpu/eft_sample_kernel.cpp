@@ -318,7 +318,9 @@ struct CandidateSplit {
   void block(int64_t j, Vec cv, Vec e, Vec dv) {
     const Mask is_cand = ge(cv, Vec(floor));
     below_v = below_v + select(is_cand, Vec(0.0f), e);
-    if (mask_bits(is_cand) == 0) return;
+#if !defined(CPU_CAPABILITY_AVX512)
+    if (mask_bits(is_cand) == 0) return;  // (AVX-512: no branch, the stores are cheap)
+#endif
     compress_store(is_cand, cv, cand_c + count);
     compress_store(is_cand, dv, cand_d + count);
     count += compress_store_ids(is_cand, first_token + static_cast<int32_t>(j), token + count);
@@ -348,6 +350,30 @@ enum class Pass1Store {
   kScore,  // f = c + d, masked: z up to a constant of the row (no truncation)
   kC,      // c, and the maxima of x_K and x_R0 (truncation; d is formed where needed)
   kCAndD,  // c and d, and every maximum
+};
+
+// Software prefetch of the next chunk's logits, one cache line of each input per step(),
+// spread over this chunk's compute-bound loops, while the memory system would be idle.
+// Always four streams, so that a step has no loop: missing ones repeat the first.
+struct Prefetcher {
+  static constexpr int kStreams = 4;
+  const char* stream[kStreams] = {};
+  int num_streams = 0;
+  int64_t bytes = 0;  // of each stream
+  int64_t done = 0;
+  void add(const void* p) {
+    if (p == nullptr || num_streams == kStreams) return;
+    stream[num_streams++] = static_cast<const char*>(p);
+    for (int q = num_streams; q < kStreams; ++q) stream[q] = stream[0];
+  }
+  __attribute__((always_inline)) void step() {
+    if (done >= bytes) return;
+    for (int q = 0; q < kStreams; ++q) __builtin_prefetch(stream[q] + done, 0, 2);
+    done += 64;
+  }
+};
+struct NoPrefetch {
+  void step() {}
 };
 
 // Pass 1 over one chunk of a row, fp32 inputs (nullptr = absent):
@@ -385,11 +411,10 @@ struct Pass1Inputs {
   float* cand_c = nullptr;
   float* cand_d = nullptr;
   // The next chunk's logits, prefetched while the exponentials of this one are computed
-  // (the first loop waits on memory, the second on arithmetic).
-  static constexpr int kMaxPrefetch = 4;
-  const char* prefetch[kMaxPrefetch] = {};
-  int num_prefetch = 0;
-  int64_t prefetch_bytes = 0;
+  // (the first loop waits on memory, the second on arithmetic): a step every
+  // prefetch_every vectors.
+  Prefetcher* prefetch = nullptr;
+  int prefetch_every = 1;
 };
 struct Pass1Result {
   OnlineLse k, r0, c;
@@ -555,18 +580,18 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   const float oc = origin(mc), ok = origin(mk), orr = origin(mr), ocd = origin(mcd);
   Vec sc(0.0f), sk(0.0f), sr(0.0f), scd(0.0f);
   const Vec voc(oc), vok(ok), vor(orr), vocd(ocd);
-  int64_t prefetched = 0;
-  auto prefetch_next = [&, bytes = in.prefetch_bytes, num = in.num_prefetch] {
-    if (prefetched >= bytes) return;
-    for (int q = 0; q < num; ++q) __builtin_prefetch(in.prefetch[q] + prefetched, 0, 2);
-    prefetched += 64;
+  Prefetcher no_prefetch;
+  Prefetcher& pf = in.prefetch != nullptr ? *in.prefetch : no_prefetch;
+  const int64_t pf_mask = in.prefetch_every * kW - 1;  // prefetch_every is a power of 2
+  auto prefetch_next = [&](int64_t j) {
+    if ((j & pf_mask) == 0) pf.step();
   };
   float tc = 0.0f, tk = 0.0f, tr = 0.0f, tcd = 0.0f, tbelow = 0.0f;
   int32_t num_cand = 0;
   if (!has_k) {
     // Draft mode: z = s needs the log-sum-exp of c only.
     for (int64_t j = 0; j < nv; j += kW) {
-      prefetch_next();
+      prefetch_next(j);
       sc = sc + exp_nonpositive(Vec::loadu(c + j) - voc);
     }
     tc = horizontal_sum(sc);
@@ -574,14 +599,14 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
   } else if (score_only) {
     // f = c + d is z up to a constant: its log-sum-exp is all that is needed.
     for (int64_t j = 0; j < nv; j += kW) {
-      prefetch_next();
+      prefetch_next(j);
       scd = scd + exp_nonpositive(Vec::loadu(c + j) - vocd);
     }
     tcd = horizontal_sum(scd);
     for (int64_t j = nv; j < n; ++j) tcd += std::exp(c[j] - ocd);
   } else if (!in.truncate) {
     for (int64_t j = 0; j < nv; j += kW) {
-      prefetch_next();
+      prefetch_next(j);
       scd = scd + exp_nonpositive(masked_sum(Vec::loadu(c + j), Vec::loadu(d + j)) - vocd);
     }
     tcd = horizontal_sum(scd);
@@ -591,7 +616,7 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
     const float floor_scalar = candidate_floor(mc, in.log_mass_before, in.cand_offset);
     CandidateSplit split{floor_scalar, in.first_token, in.cand_token, in.cand_c, in.cand_d};
     for (int64_t j = 0; j < nv; j += kW) {
-      prefetch_next();
+      prefetch_next(j);
       const Vec cv = Vec::loadu(c + j);
       const Vec k = Vec::loadu(in.knowledge + j), x0 = Vec::loadu(in.ref0 + j);
       const Vec e = exp_nonpositive(cv - voc);
@@ -759,9 +784,9 @@ struct Best {
 // maximum of value over all allowed tokens, with the noise of gumbel_from_words.
 constexpr int kCandidates = kNoiseBlock;  // stage-1 block
 constexpr int kSurvivors = 32;            // stage-3 buffer, flushed from 16 entries on
-template <typename Source>
+template <typename Source, typename Prefetch = NoPrefetch>
 void gumbel_argmax(const Source& src, int64_t n, float temperature, float allowed_threshold, float noise_floor,
-                   uint64_t seed, uint32_t position, Best* best_out) {
+                   uint64_t seed, uint32_t position, Best* best_out, Prefetch&& prefetch = Prefetch{}) {
   Best best = *best_out;
   alignas(64) uint32_t cand[kCandidates], words[kCandidates];
   alignas(64) float cand_z[kCandidates];
@@ -825,20 +850,28 @@ void gumbel_argmax(const Source& src, int64_t n, float temperature, float allowe
     nc = 0;
   };
 #if defined(CPU_CAPABILITY_AVX512)
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 valid = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
-    const __m512 zv = src.load(valid, i);
+  // Without a branch on whether a vector has candidates: where a fair share of the vectors
+  // has one, that branch is mispredicted often. Lanes outside `valid` are never candidates.
+  const Source local = src;  // members in registers
+  auto scan = [&](__mmask16 valid, int64_t i) {
+    const __m512 zv = local.load(valid, i);
     const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, zv, _mm512_set1_ps(cutoff), _CMP_GE_OQ);
-    if (m == 0) continue;
-    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi32(m, src.tokens(valid, i)));
+    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi32(m, local.tokens(valid, i)));
     _mm512_storeu_ps(cand_z + nc, _mm512_maskz_compress_ps(m, zv));
     nc += __builtin_popcount(m);
     if (nc > kCandidates - 16) flush_candidates();
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    prefetch.step();
+    scan(__mmask16(0xffff), i);
   }
+  if (i < n) scan(static_cast<__mmask16>((1u << (n - i)) - 1u), i);
 #else
   constexpr int kW = Vec::size();
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
+    prefetch.step();
     const Vec zv = src.load(i);
     uint32_t bits = mask_bits(ge(zv, Vec(cutoff)));
     if (bits == 0) continue;
@@ -1307,7 +1340,7 @@ inline float noisy_value_floor(float z, int64_t token, const RowParams& p) {
 // Samples positions [0, n) of one chunk whose largest score is chunk_max into *best
 // (single pass: z is known up to a constant of the row, and every token is allowed).
 template <typename Source>
-void sample_chunk(const Source& src, int64_t n, float chunk_max, const RowParams& p, Best* best) {
+void sample_chunk(const Source& src, int64_t n, float chunk_max, const RowParams& p, Best* best, Prefetcher& prefetch) {
   if (chunk_max == -INFINITY) return;
   if (p.temperature == 0.0f) {
     if (best->token >= 0 && chunk_max < best->value) return;
@@ -1322,7 +1355,8 @@ void sample_chunk(const Source& src, int64_t n, float chunk_max, const RowParams
   }
   const int64_t top = src.token(first_at(src, n, chunk_max));
   const float allowed = threshold_from_key(order_key(-INFINITY) + 1u);
-  gumbel_argmax(src, n, p.temperature, allowed, noisy_value_floor(chunk_max, top, p), p.seed, p.position, best);
+  gumbel_argmax(src, n, p.temperature, allowed, noisy_value_floor(chunk_max, top, p), p.seed, p.position, best,
+                prefetch);
 }
 
 // Pass 2 with truncation when z is not needed in memory: S from its list (SetScores), then
@@ -1454,17 +1488,16 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
       pin.cand_c = scratch.cand_c.get() + chunk * kChunkRoom;
       pin.cand_d = scratch.cand_d.get() + chunk * kChunkRoom;
     }
+    Prefetcher prefetch;
     if (!parallel && begin + kChunk < vocab) {
       const int64_t next = begin + kChunk;
-      pin.prefetch_bytes = (std::min(vocab, next + kChunk) - next) * static_cast<int64_t>(sizeof(T));
-      auto add = [&](const T* src) {
-        if (src != nullptr && pin.num_prefetch < Pass1Inputs::kMaxPrefetch) {
-          pin.prefetch[pin.num_prefetch++] = reinterpret_cast<const char*>(src + next);
-        }
-      };
-      add(in.reference);
-      add(in.knowledge);
-      for (int r = 0; r < in.num_tuned; ++r) add(in.tuned + r * in.tuned_model_stride);
+      prefetch.bytes = (std::min(vocab, next + kChunk) - next) * static_cast<int64_t>(sizeof(T));
+      if (in.reference != nullptr) prefetch.add(in.reference + next);
+      if (in.knowledge != nullptr) prefetch.add(in.knowledge + next);
+      for (int r = 0; r < in.num_tuned; ++r) prefetch.add(in.tuned + r * in.tuned_model_stride + next);
+      pin.prefetch = &prefetch;
+      // A single pass with sampling leaves half of the lines to its Gumbel scan.
+      pin.prefetch_every = single_pass && !greedy ? 2 : 1;
     }
     // A sequential single pass keeps reusing the start of the scratch: the chunk stays in cache.
     float* chunk_c = single_pass && !parallel ? c : c + begin;
@@ -1475,7 +1508,8 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
       float& best_score = parallel ? part2_score[chunk] : running_best_score;
       const int64_t before = best.token;
       const float chunk_max = has_knowledge ? part.cd.max : part.c.max;
-      sample_chunk(RangeScores{Scores{chunk_c, nullptr, 0.0f, -INFINITY, 0.0f}, begin}, n, chunk_max, p, &best);
+      sample_chunk(RangeScores{Scores{chunk_c, nullptr, 0.0f, -INFINITY, 0.0f}, begin}, n, chunk_max, p, &best,
+                   prefetch);
       if (best.token != before) best_score = chunk_c[best.token - begin];
     }
   });
