@@ -182,9 +182,10 @@ inline Vec select(Mask m, Vec if_true, Vec if_false) { return Vec::blendv(if_fal
 #endif
 
 // exp(x) for x <= 0 (the shifted arguments of sums of exponentials), 0 for x < -87 (and
-// -inf). AVX-512: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial
-// (relative error below 1e-7), times 2^n by vscalefps; inlined, so that the exponentials of
-// one loop interleave. Elsewhere at::vec's exp_u20.
+// -inf). AVX-512: x = n ln2 + r, |r| <= ln2 / 2, exp(r) = 1 + r + r^2 q(r) with q of degree 3
+// fitted for the relative error (below 2e-7 in float arithmetic, lower than the degree-6
+// Taylor polynomial's), times 2^n by vscalefps; inlined, so that the exponentials of one
+// loop interleave. Elsewhere at::vec's exp_u20.
 #if defined(CPU_CAPABILITY_AVX512)
 __attribute__((always_inline)) inline Vec exp_nonpositive(Vec x) {
   const __m512 lowest = _mm512_set1_ps(-87.0f);
@@ -194,11 +195,10 @@ __attribute__((always_inline)) inline Vec exp_nonpositive(Vec x) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);   // ln2, high part (exact n * hi)
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);      // ln2, low part
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  __m512 p = _mm512_set1_ps(0.008312525227665901f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.041890114545822144f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16667114198207855f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499992311000824f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
@@ -442,10 +442,24 @@ inline float small_policy_scalar(const Pass1Inputs& in, int64_t j, bool* bad) {
   return c;
 }
 
-// The maxima of pass 1's first loop, per lane.
+// The maxima of pass 1's first loop, per lane, and whether a logit was NaN or +inf.
 struct Pass1Maxima {
   Vec c = Vec(-INFINITY), k = Vec(-INFINITY), r = Vec(-INFINITY), cd = Vec(-INFINITY);
+  bool bad = false;
+};
+
+// Whether any lane of the values added is NaN or +inf. AVX-512: a chain of masked compares
+// (a lane stays good while its values are below +inf), without mask ORs.
+struct BadLanes {
+#if defined(CPU_CAPABILITY_AVX512)
+  __mmask16 good = 0xffff;
+  void add(Vec v) { good = _mm512_mask_cmp_ps_mask(good, v, _mm512_set1_ps(INFINITY), _CMP_LT_OQ); }
+  bool any_bad() const { return good != 0xffff; }
+#else
   Mask bad = mask_none();
+  void add(Vec v) { bad = bad | is_bad_v(v); }
+  bool any_bad() const { return any(bad); }
+#endif
 };
 
 // Pass 1's first loop over the whole vectors of a chunk: reads the logits once and writes
@@ -454,8 +468,7 @@ struct Pass1Maxima {
 template <bool kOneTuned, bool kHasK, Pass1Store kStore>
 Pass1Maxima pass1_vectors(const Pass1Inputs& in, int64_t nv, float* c, float* d) {
   constexpr int kW = Vec::size();
-  Pass1Maxima m;
-  Mask bad = mask_none();
+  BadLanes bad_x0, bad_t, bad_k, bad_c;  // independent chains
   Vec max_c(-INFINITY), max_k(-INFINITY), max_r(-INFINITY), max_cd(-INFINITY);
   const float* ref0 = in.ref0;
   const float* tuned0 = in.tuned[0];
@@ -464,11 +477,11 @@ Pass1Maxima pass1_vectors(const Pass1Inputs& in, int64_t nv, float* c, float* d)
   for (int64_t j = 0; j < nv; j += kW) {
     const Vec x0 = ref0 ? Vec::loadu(ref0 + j) : Vec(0.0f);
     Mask neg = is_neg_inf_v(x0);
-    bad = bad | is_bad_v(x0);
+    bad_x0.add(x0);
     Vec cv = x0;
     if constexpr (kOneTuned) {
       const Vec t = Vec::loadu(tuned0 + j);
-      bad = bad | is_bad_v(t);
+      bad_t.add(t);
       neg = neg | is_neg_inf_v(t);
       cv = cv + beta0 * (t - x0);
     } else {
@@ -477,22 +490,22 @@ Pass1Maxima pass1_vectors(const Pass1Inputs& in, int64_t nv, float* c, float* d)
         Vec rr = in.shared_ref ? x0 : Vec(0.0f);
         if (in.ref[r]) {
           rr = Vec::loadu(in.ref[r] + j);
-          bad = bad | is_bad_v(rr);
+          bad_x0.add(rr);
           neg = neg | is_neg_inf_v(rr);
         }
-        bad = bad | is_bad_v(t);
+        bad_t.add(t);
         neg = neg | is_neg_inf_v(t);
         cv = cv + Vec(in.beta[r]) * (t - rr);
       }
     }
     cv = select(neg, Vec(-INFINITY), cv);
-    bad = bad | is_bad_v(cv);
+    bad_c.add(cv);
     if constexpr (!kHasK) {
       cv.store(c + j);
       max_c = max_v(max_c, cv);
     } else {
       const Vec k = Vec::loadu(knowledge + j);
-      bad = bad | is_bad_v(k);
+      bad_k.add(k);
       const Vec dv = k - x0;
       if constexpr (kStore == Pass1Store::kScore) {
         const Vec f = masked_sum(cv, dv);
@@ -510,11 +523,12 @@ Pass1Maxima pass1_vectors(const Pass1Inputs& in, int64_t nv, float* c, float* d)
       }
     }
   }
+  Pass1Maxima m;
   m.c = max_c;
   m.k = max_k;
   m.r = max_r;
   m.cd = max_cd;
-  m.bad = bad;
+  m.bad = bad_x0.any_bad() || bad_t.any_bad() || bad_k.any_bad() || bad_c.any_bad();
   return m;
 }
 
@@ -568,7 +582,7 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
     }
   }
   Pass1Result out;
-  out.bad = any(vmax.bad) || bad_tail;
+  out.bad = vmax.bad || bad_tail;
   if (out.bad) return out;  // the row is an error; nothing else is used
   // No NaN is left, so the maxima are plain maxima.
   mc = horizontal_max(vmax.c, mc);
