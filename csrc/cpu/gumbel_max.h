@@ -4,6 +4,8 @@
 // truncation set), and the samplers (gumbel_argmax, scores_argmax).
 #pragma once
 
+#include <cstring>
+
 #include "../eft_math.h"
 #include "kernel_vec.h"
 
@@ -157,6 +159,9 @@ struct RangeScores {
   float at(int64_t i) const { return z.at(i); }
   Vec load(int64_t i) const { return z.load(i); }
   int64_t token(int64_t i) const { return first_token + i; }
+  void ids_at(int64_t i, int32_t* out) const {
+    for (int l = 0; l < Vec::size(); ++l) out[l] = static_cast<int32_t>(first_token + i + l);
+  }
 #if defined(CPU_CAPABILITY_AVX512)
   Vec load(__mmask16 valid, int64_t i) const { return z.load(valid, i); }
   __m512i tokens(__mmask16, int64_t i) const {
@@ -176,6 +181,9 @@ struct OutsideSetScores {
   Vec of(Vec cv) const { return select(ge(cv, Vec(tau)), Vec(-INFINITY), cv - Vec(log_z_c)); }
   Vec load(int64_t i) const { return of(Vec::loadu(c + i)); }
   int64_t token(int64_t i) const { return first_token + i; }
+  void ids_at(int64_t i, int32_t* out) const {
+    for (int l = 0; l < Vec::size(); ++l) out[l] = static_cast<int32_t>(first_token + i + l);
+  }
 #if defined(CPU_CAPABILITY_AVX512)
   Vec load(__mmask16 valid, int64_t i) const { return of(_mm512_maskz_loadu_ps(valid, c + i)); }
   __m512i tokens(__mmask16, int64_t i) const {
@@ -199,6 +207,7 @@ struct SetScores {
   }
   Vec load(int64_t i) const { return of(Vec::loadu(c + i), Vec::loadu(d + i)); }
   int64_t token(int64_t i) const { return token_ids[i]; }
+  void ids_at(int64_t i, int32_t* out) const { std::memcpy(out, token_ids + i, sizeof(int32_t) * Vec::size()); }
 #if defined(CPU_CAPABILITY_AVX512)
   Vec load(__mmask16 valid, int64_t i) const {
     return of(_mm512_maskz_loadu_ps(valid, c + i), _mm512_maskz_loadu_ps(valid, d + i));
@@ -314,21 +323,19 @@ void gumbel_argmax(const Source& src, int64_t n, float temperature, float allowe
   }
   if (i < n) scan(static_cast<__mmask16>((1u << (n - i)) - 1u), i);
 #else
+  // Also without a branch on whether a vector has candidates (compress_store left-packs).
   constexpr int kW = Vec::size();
+  const Source local = src;
+  alignas(64) int32_t ids[kW];
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
     prefetch.step();
-    const Vec zv = src.load(i);
-    uint32_t bits = mask_bits(ge(zv, Vec(cutoff)));
-    if (bits == 0) continue;
-    alignas(64) float lanes[kW];
-    zv.store(lanes);
-    for (; bits != 0; bits &= bits - 1) {
-      const int lane = __builtin_ctz(bits);
-      cand[nc] = static_cast<uint32_t>(src.token(i + lane));
-      cand_z[nc++] = lanes[lane];
-      if (nc == kCandidates) flush_candidates();
-    }
+    const Vec zv = local.load(i);
+    const Mask m = ge(zv, Vec(cutoff));
+    local.ids_at(i, ids);
+    compress_store_i32(m, ids, reinterpret_cast<int32_t*>(cand + nc));
+    nc += compress_store(m, zv, cand_z + nc);
+    if (nc > kCandidates - kW) flush_candidates();
   }
   for (; i < n; ++i) {
     const float zi = src.at(i);

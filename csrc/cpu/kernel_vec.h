@@ -88,10 +88,36 @@ inline Mask lt(Vec a, Vec b) { return a < b; }
 inline Mask eq(Vec a, Vec b) { return a == b; }
 inline Mask mask_and(Mask a, Mask b) { return a & b; }
 inline Mask mask_andnot(Mask a, Mask b) { return Vec::blendv(a, Vec(0.0f), b); }
+#if defined(CPU_CAPABILITY_AVX2)
+inline uint32_t mask_bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }  // sign bits
+#else
 inline uint32_t mask_bits(Mask m) {
   // zero_mask has a bit per lane that is 0.0: the lanes that are false.
   return ~static_cast<uint32_t>(m.zero_mask()) & ((1u << Vec::size()) - 1u);
 }
+#endif
+#endif
+
+#if defined(CPU_CAPABILITY_AVX2)
+// Left-pack permutations of eight lanes: entry m lists the lanes set in m, a byte each
+// (AVX2 has no compress instruction).
+struct LeftPack {
+  uint64_t lanes[256];
+  LeftPack() {
+    for (uint32_t m = 0; m < 256; ++m) {
+      uint64_t packed = 0;
+      int n = 0;
+      for (int i = 0; i < 8; ++i) {
+        if ((m >> i) & 1u) packed |= static_cast<uint64_t>(i) << (8 * n++);
+      }
+      lanes[m] = packed;
+    }
+  }
+  __m256i permutation(uint32_t m) const {
+    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(lanes[m])));
+  }
+};
+const LeftPack kLeftPack;
 #endif
 
 // Appends the lanes set in bits, in lane order, to out; returns how many. The compress_store
@@ -108,6 +134,10 @@ inline int compress_store(Mask m, Vec v, float* out) {
 #if defined(CPU_CAPABILITY_AVX512)
   _mm512_storeu_ps(out, _mm512_maskz_compress_ps(m, v));
   return __builtin_popcount(m);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const uint32_t bits = mask_bits(m);
+  _mm256_storeu_ps(out, _mm256_permutevar8x32_ps(v, kLeftPack.permutation(bits)));
+  return __builtin_popcount(bits);
 #else
   alignas(64) float lanes[Vec::size()];
   v.store(lanes);
@@ -119,6 +149,11 @@ inline int compress_store_i32(Mask m, const int32_t* src, int32_t* out) {
 #if defined(CPU_CAPABILITY_AVX512)
   _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(m, _mm512_loadu_si512(src)));
   return __builtin_popcount(m);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const uint32_t bits = mask_bits(m);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(v, kLeftPack.permutation(bits)));
+  return __builtin_popcount(bits);
 #else
   return compress_lanes(mask_bits(m), src, out);
 #endif
@@ -130,6 +165,11 @@ inline int compress_store_ids(Mask m, int32_t first, int32_t* out) {
                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(m, ids));
   return __builtin_popcount(m);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const uint32_t bits = mask_bits(m);
+  const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(ids, kLeftPack.permutation(bits)));
+  return __builtin_popcount(bits);
 #else
   int n = 0;
   for (uint32_t bits = mask_bits(m); bits != 0; bits &= bits - 1) out[n++] = first + __builtin_ctz(bits);
