@@ -32,9 +32,10 @@ enum RowStatus : int32_t {
 };
 
 // Upper bound (with margin) of the Gumbel noise g = -log(-log(u)), u in
-// [0.5 * 2^-32, 1 - 0.5 * 2^-32]: the largest value is about 22.87. A candidate j with
-// z_j / T + kGumbelMax < best cannot win, so its noise need not be computed.
-constexpr float kGumbelMax = 24.0f;
+// [0.5 * 2^-32, 1 - 0.5 * 2^-32]: the largest value, at the word 0xffffffff, is
+// -log(-log1p(-2^-33)) = 22.87 (tests/test_philox.py checks the bound). A candidate j
+// with z_j / T + kGumbelMax < best cannot win, so its noise need not be computed.
+constexpr float kGumbelMax = 23.0f;
 
 struct Philox4 {
   uint32_t w0, w1, w2, w3;
