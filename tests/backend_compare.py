@@ -88,15 +88,18 @@ def assert_backend_matches(inputs: EFTInputs, out, *, logprob_atol: float = 1e-4
     """
     tokens, logprob, row_logprobs, status = (t.cpu() for t in out)
     ref = eft_sample_reference(*inputs.as_args())
-    assert torch.equal(status, ref.status), f"status {status.tolist()} != reference {ref.status.tolist()}"
     ties = near_tie_rows(inputs, ref)
+    # A status may differ only on a near-tie row: where the truncation set is decided below
+    # float resolution (weight_top_p next to 1), it can hold every token that has a score.
+    differs = status != ref.status
+    assert not bool((differs & ~ties).any()), f"status {status.tolist()} != reference {ref.status.tolist()}"
     compare = (ref.status == ROW_OK) & ~ties
     mismatched = (tokens != ref.tokens) & compare
     assert not bool(mismatched.any()), (
         f"tokens differ on rows {mismatched.nonzero().flatten().tolist()}: "
         f"got {tokens[mismatched].tolist()}, reference {ref.tokens[mismatched].tolist()}")
     torch.testing.assert_close(logprob[compare].double(), ref.logprob[compare], atol=logprob_atol, rtol=0)
-    bad = ref.status != ROW_OK
+    bad = status != ROW_OK
     assert bool((tokens[bad] == -1).all()) and bool(torch.isnan(logprob[bad]).all())
     if check_rows:
         rows_ok = compare.nonzero().flatten()

@@ -94,10 +94,18 @@ TRUNCATION_CASES = {
     # Half the row masked.
     "masked": lambda rng, b, v: torch.where(torch.rand(3, b, v, generator=rng) < 0.5, float("-inf"),
                                             torch.randn(3, b, v, generator=rng) * 3),
+    # Every knowledge logit -inf in half the rows: S has no mass, only the tokens outside it
+    # can be sampled.
+    "knowledge masked": lambda rng, b, v: _mask_knowledge_rows(torch.randn(3, b, v, generator=rng) * 3),
 }
 
 
-@pytest.mark.parametrize("weight_top_p", [0.5, 0.9, 0.999, float(torch.tensor(1 - 2**-24))])
+def _mask_knowledge_rows(logits):
+    logits[0, ::2] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("weight_top_p", [0.5, 0.9, 0.999, 0.9999, float(torch.tensor(1 - 2**-24))])
 @pytest.mark.parametrize("case", list(TRUNCATION_CASES))
 def test_weight_truncation_cases_match_reference(rng, case, weight_top_p):
     # The truncation set comes from a candidate selection: ties, whole-row sets, few or many

@@ -148,8 +148,11 @@ Truncation truncate_row(const std::vector<Pass1Result>& part1, Scratch& sc, cons
     below += part.below * scale;
   }
   // The weights exp(c - c_max) of the candidates; those at or above the row's floor go to
-  // the selection arrays.
-  const float row_floor = candidate_floor(-INFINITY, lse_c.value(), cand_offset);
+  // the selection arrays. Exactly, no chunk's floor is above the row's (the log-sum-exp of
+  // the chunks before is at most the row's); taking their maximum keeps that true under
+  // rounding, so every token at or above tau is a candidate.
+  float row_floor = candidate_floor(-INFINITY, lse_c.value(), cand_offset);
+  for (const Pass1Result& part : part1) row_floor = std::max(row_floor, part.cand_floor);
   float* select_v = sc.select_v.get();
   float* select_w = sc.select_w.get();
   int64_t n_select = 0;
@@ -472,6 +475,7 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
       split_chunk(c + begin, d + begin, n, part1[chunk].c.max, split);
       part1[chunk].below = split.below();
       part1[chunk].num_cand = split.count;
+      part1[chunk].cand_floor = floors[chunk];
     });
   }
   OnlineLse lse_k, lse_r0, lse_c, lse_cd;
@@ -532,7 +536,9 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     z = Scores{c, d, log_z_c, t.tau, shift};
     top_in = t.top_in;
     top_out = t.top_out;
-    log_z_z = log_add_exp(t.log_mass_in + shift, t.log_mass_out) - log_z_c;
+    // shift is +inf when every knowledge logit is -inf; S then has no mass (its z are -inf).
+    const float log_in = t.log_mass_in == -INFINITY ? -INFINITY : t.log_mass_in + shift;
+    log_z_z = log_add_exp(log_in, t.log_mass_out) - log_z_c;
     if (set_list) {
       if (log_z_z == -INFINITY) { result.status = kRowNoToken; return result; }
       return sample_set_and_rest(in, p, vocab, parallel, c, t, log_z_c, shift, log_z_z, {top_c, top_in, top_out});

@@ -110,7 +110,12 @@ struct NoiseBound {
   }
   float operator()(uint32_t w) const { return (w >> 27) == 31 ? level2[(w >> 22) & 31] : level1[w >> 27]; }
 };
-const NoiseBound kNoiseBound;
+// Built on first use, by the copy the processor runs: a load-time initialiser in every copy
+// could run AVX-512 instructions on a processor that lacks them.
+const NoiseBound& noise_bound() {
+  static const NoiseBound bound;
+  return bound;
+}
 
 // The EFT scores z_j of one row (eft_score), computed where they are read from pass 1's
 // scratch: z = s + [c >= tau] (d + shift) with s = c - log_z_c. With d == nullptr (no
@@ -238,11 +243,12 @@ struct Best {
 // Every test is conservative (the margins exceed the rounding), so the result is the
 // maximum of value over all allowed tokens, with the noise of gumbel_from_words.
 constexpr int kCandidates = kNoiseBlock;  // stage-1 block
-constexpr int kSurvivors = 32;            // stage-3 buffer, flushed from 16 entries on
+constexpr int kSurvivors = 32;            // stage-3 buffer (AVX-512: flushed from 16 entries on)
 template <typename Source, typename Prefetch = NoPrefetch>
 void gumbel_argmax(const Source& src, int64_t n, float temperature, float allowed_threshold, float noise_floor,
                    uint64_t seed, uint32_t position, Best* best_out, Prefetch&& prefetch = Prefetch{}) {
   Best best = *best_out;
+  const NoiseBound& bounds = noise_bound();
   alignas(64) uint32_t cand[kCandidates], words[kCandidates];
   alignas(64) float cand_z[kCandidates];
   alignas(64) uint32_t surv[kSurvivors], surv_w[kSurvivors];
@@ -272,15 +278,15 @@ void gumbel_argmax(const Source& src, int64_t n, float temperature, float allowe
     philox_words(seed, position, cand, nc, words);
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 t = _mm512_set1_ps(temperature);
-    const __m512 l1lo = _mm512_load_ps(kNoiseBound.level1), l1hi = _mm512_load_ps(kNoiseBound.level1 + 16);
-    const __m512 l2lo = _mm512_load_ps(kNoiseBound.level2), l2hi = _mm512_load_ps(kNoiseBound.level2 + 16);
-    const __m512i top = _mm512_set1_epi32(31), five = _mm512_set1_epi32(31);
+    const __m512 l1lo = _mm512_load_ps(bounds.level1), l1hi = _mm512_load_ps(bounds.level1 + 16);
+    const __m512 l2lo = _mm512_load_ps(bounds.level2), l2hi = _mm512_load_ps(bounds.level2 + 16);
+    const __m512i top = _mm512_set1_epi32(31), low5 = _mm512_set1_epi32(31);
     for (int i = 0; i < nc; i += 16) {
       const __mmask16 valid = nc - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (nc - i)) - 1u);
       const __m512i w = _mm512_load_si512(words + i);
       const __m512 zt = _mm512_div_ps(_mm512_load_ps(cand_z + i), t);
       const __m512i hi5 = _mm512_srli_epi32(w, 27);
-      const __m512i next5 = _mm512_and_si512(_mm512_srli_epi32(w, 22), five);
+      const __m512i next5 = _mm512_and_si512(_mm512_srli_epi32(w, 22), low5);
       const __m512 ub = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(hi5, top),
                                              _mm512_permutex2var_ps(l1lo, hi5, l1hi),
                                              _mm512_permutex2var_ps(l2lo, next5, l2hi));
@@ -298,7 +304,7 @@ void gumbel_argmax(const Source& src, int64_t n, float temperature, float allowe
       surv[ns] = cand[i];
       surv_w[ns] = words[i];
       surv_zt[ns] = zt;
-      ns += zt + kNoiseBound(words[i]) >= bound;
+      ns += zt + bounds(words[i]) >= bound;
       if (ns == kSurvivors) flush_survivors();
     }
 #endif

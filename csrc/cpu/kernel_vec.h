@@ -100,10 +100,11 @@ inline uint32_t mask_bits(Mask m) {
 
 #if defined(CPU_CAPABILITY_AVX2)
 // Left-pack permutations of eight lanes: entry m lists the lanes set in m, a byte each
-// (AVX2 has no compress instruction).
+// (AVX2 has no compress instruction). Built at compile time: a load-time initialiser in
+// this copy could use AVX2 instructions on a processor that lacks them.
 struct LeftPack {
-  uint64_t lanes[256];
-  LeftPack() {
+  uint64_t lanes[256] = {};
+  constexpr LeftPack() {
     for (uint32_t m = 0; m < 256; ++m) {
       uint64_t packed = 0;
       int n = 0;
@@ -117,7 +118,7 @@ struct LeftPack {
     return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(lanes[m])));
   }
 };
-const LeftPack kLeftPack;
+constexpr LeftPack kLeftPack{};
 #endif
 
 // Appends the lanes set in bits, in lane order, to out; returns how many. The compress_store

@@ -54,7 +54,11 @@ struct CandidateSplit {
 
 // Candidates need c >= max(max c of the chunk, log-sum-exp of c over the chunks before it)
 // + offset (see sample_row); a masked c (-inf) never is one. The floor is lowered by a
-// margin far above the rounding of the values it is made of.
+// margin (0.01 + 1e-5 |v|) far above the rounding of the values it is made of. The tokens
+// below the floors then hold at most e^-0.01 (1 - weight_top_p) of the mass, so the
+// candidates exceed the target by about 0.01 (1 - weight_top_p) of it: only where the float
+// sums err by more (weight_top_p above about 0.9999) can the selection fall short, and then
+// S is every token at or above the row's floor (truncate_row).
 inline float candidate_floor(float chunk_max, float log_mass_before, float offset) {
   const float v = std::max(chunk_max, log_mass_before) + offset;
   return std::max(v - (0.01f + 1e-5f * std::fabs(v)), -std::numeric_limits<float>::max());
@@ -111,6 +115,7 @@ struct Pass1Result {
   OnlineLse k, r0, c;
   OnlineLse cd;                // c + d (knowledge given, no truncation)
   float below = 0.0f;          // truncation: sum of exp(c - c.max) over the non-candidates
+  float cand_floor = -INFINITY;  // truncation: the chunk's candidate floor
   int32_t num_cand = 0;        // truncation: candidates written
   bool bad = false;
 };
@@ -328,6 +333,7 @@ Pass1Result pass1_chunk(const Pass1Inputs& in, int64_t n, float* c, float* d) {
     }
     tbelow = split.below();
     num_cand = split.count;
+    out.cand_floor = floor_scalar;
   }
   // The maxima are always set (the callers use them); the sums only where computed.
   out.c = OnlineLse{mc, tc};
