@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -677,9 +678,16 @@ void eft_sample_kernel(const EftSampleCpuArgs& a) {
     };
     const int64_t threads = at::get_num_threads();
     if (batch >= threads || vocab_size <= kChunk) {
-      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      // Rows are handed out one at a time (a row's result does not depend on the thread):
+      // a thread slowed by other work on the machine takes fewer rows instead of holding
+      // up a static half of the batch.
+      std::atomic<int64_t> next_row{0};
+      at::parallel_for(0, std::min(threads, batch), 1, [&](int64_t, int64_t) {
         Scratch& scratch = thread_scratch(vocab_size);
-        for (int64_t b = begin; b < end; ++b) run_row(b, /*parallel=*/false, scratch);
+        for (int64_t b = next_row.fetch_add(1, std::memory_order_relaxed); b < batch;
+             b = next_row.fetch_add(1, std::memory_order_relaxed)) {
+          run_row(b, /*parallel=*/false, scratch);
+        }
       });
     } else {
       Scratch& scratch = thread_scratch(vocab_size);
