@@ -70,14 +70,19 @@ def _assert_all_blocks_free(engine):
         assert runner.blocks.num_free_blocks == runner.blocks.num_blocks, runner.role
 
 
-def _check(outs, clean, failed: set[int], error: str):
+def _check(outs, clean, failed: set[int], error: str, same_tokens=lambda i: True):
+    """Failed requests end with `error`; the others finish as in the clean run, with its tokens
+    where same_tokens(i) (see test_failed_speculative_round) and as many of them elsewhere."""
     for i, (out, ref) in enumerate(zip(outs, clean)):
         if i in failed:
             assert out.finish_reason == "error" and error in out.error, (i, out.error)
             assert out.token_ids == ref.token_ids[:len(out.token_ids)]   # what it had got before was right
         else:
             assert out.finish_reason == "length" and out.error is None, (i, out.error)
-            assert out.token_ids == ref.token_ids, i
+            if same_tokens(i):
+                assert out.token_ids == ref.token_ids, i
+            else:
+                assert len(out.token_ids) == len(ref.token_ids), i
 
 
 # knowledge forward calls with two requests in flight: 1 = their prefill, 3 = the second decode round
@@ -159,7 +164,12 @@ def test_failed_speculative_round(family, rng, monkeypatch, accept, role, call):
     engine = _engine(family, max_num_seqs=2, speculative_k=3, accept=accept)
     _break(monkeypatch, engine, role, call)
     outs = _generate(engine, prompts, params)
-    _check(outs, clean, failed={0, 1}, error="the engine's decode step failed: RuntimeError: boom")
+    # A round's draft length depends on the batch (round_k), and with the failed requests gone
+    # the survivors run in other batches than in the clean run. Exact acceptance emits what
+    # plain decoding gives whatever the rounds; rejection sampling emits a sample that depends
+    # on where the rounds fall (DESIGN.md section 4: not token-identical), except when greedy.
+    same = lambda i: accept == "exact" or params[i].temperature == 0.0  # noqa: E731
+    _check(outs, clean, failed={0, 1}, error="the engine's decode step failed: RuntimeError: boom", same_tokens=same)
     assert [len(o.token_ids) for o in outs[:2]] == [1, 1]       # the prefill's token only
     _assert_all_blocks_free(engine)
     monkeypatch.undo()
