@@ -29,9 +29,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -276,12 +278,42 @@ int64_t first_at_max(int64_t vocab, float target, const ChunkMax& chunk_max, con
   return -1;
 }
 
+// The threshold that allows every token with a finite score (no filters).
+inline float every_finite_score() { return threshold_from_key(order_key(-INFINITY) + 1u); }
+
 // A lower bound of the winning value: the noisy value of a token known to be allowed,
 // lowered by a margin that covers the rounding difference between this scalar noise and
 // the vector noise of the same token.
 inline float noisy_value_floor(float z, int64_t token, const RowParams& p) {
   const float v = z / p.temperature + gumbel_noise(p.seed, static_cast<uint32_t>(token), p.position);
   return v - 1e-3f * std::max(1.0f, std::fabs(v));
+}
+
+// The best such bound from a few high-scoring tokens (-1: none), scored by score_at;
+// -inf when greedy or when none is allowed.
+template <typename ScoreAt>
+float noise_floor_of(std::initializer_list<int64_t> tokens, const ScoreAt& score_at, float allowed,
+                     const RowParams& p) {
+  float floor = -INFINITY;
+  for (const int64_t j : tokens) {
+    if (p.temperature == 0.0f || j < 0) continue;
+    const float zj = score_at(j);
+    if (zj != -INFINITY && zj >= allowed) floor = std::max(floor, noisy_value_floor(zj, j, p));
+  }
+  return floor;
+}
+
+// Folds the sample of positions [0, n) of a score source into *best: argmax when greedy,
+// else Gumbel-max over the scores >= allowed.
+template <typename Source, typename Prefetch = NoPrefetch>
+void sample_source(const Source& src, int64_t n, const RowParams& p, float allowed, float noise_floor, Best* best,
+                   Prefetch&& prefetch = Prefetch{}) {
+  if (p.temperature == 0.0f) {
+    scores_argmax(src, n, best);
+  } else {
+    gumbel_argmax(src, n, p.temperature, allowed, noise_floor, p.seed, p.position, best,
+                  std::forward<Prefetch>(prefetch));
+  }
 }
 
 // Samples positions [0, n) of one chunk whose largest score is chunk_max into *best
@@ -295,15 +327,10 @@ void sample_chunk(const Source& src, int64_t n, float chunk_max, const RowParams
     if (best->beaten_by(chunk_max, token)) *best = Best{chunk_max, token};
     return;
   }
-  if (best->token >= 0) {
-    // No token of the chunk can reach the best value (the test of gumbel_argmax).
-    const float zb = (best->value - kGumbelMax) * p.temperature;
-    if (chunk_max < zb - 1e-3f * std::max(1.0f, std::fabs(zb))) return;
-  }
+  // No token of the chunk can reach the best value.
+  if (best->token >= 0 && chunk_max < gumbel_cutoff(best->value, p.temperature)) return;
   const int64_t top = src.token(first_at(src, n, chunk_max));
-  const float allowed = threshold_from_key(order_key(-INFINITY) + 1u);
-  gumbel_argmax(src, n, p.temperature, allowed, noisy_value_floor(chunk_max, top, p), p.seed, p.position, best,
-                prefetch);
+  sample_source(src, n, p, every_finite_score(), noisy_value_floor(chunk_max, top, p), best, prefetch);
 }
 
 // Pass 2 with truncation when z is not needed in memory: S from its list (SetScores), then
@@ -319,28 +346,16 @@ RowResult sample_set_and_rest(const RowInputs<T>& in, const RowParams& p, int64_
     const float dj = static_cast<float>(in.knowledge[j]) - static_cast<float>(in.reference[j]);
     return eft_score(c[j] - log_z_c, c[j] >= t.tau, dj, shift);
   };
-  const bool greedy = p.temperature == 0.0f;
-  const float allowed = threshold_from_key(order_key(-INFINITY) + 1u);
-  float noise_floor = -INFINITY;
-  for (const int64_t j : high_tokens) {
-    if (greedy || j < 0) continue;
-    const float zj = score_at(j);
-    if (zj != -INFINITY) noise_floor = std::max(noise_floor, noisy_value_floor(zj, j, p));
-  }
-  auto sample = [&](const auto& src, int64_t n, Best* best) {
-    if (greedy) {
-      scores_argmax(src, n, best);
-    } else {
-      gumbel_argmax(src, n, p.temperature, allowed, noise_floor, p.seed, p.position, best);
-    }
-  };
+  const float allowed = every_finite_score();
+  const float noise_floor = noise_floor_of(high_tokens, score_at, allowed, p);
   Best best;
-  sample(SetScores{t.set_token, t.set_c, t.set_d, log_z_c, shift}, t.set_size, &best);
+  sample_source(SetScores{t.set_token, t.set_c, t.set_d, log_z_c, shift}, t.set_size, p, allowed, noise_floor, &best);
   const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
   std::vector<Best> part2(num_chunks, best);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, n = std::min(vocab, begin + kChunk) - begin;
-    sample(OutsideSetScores{c + begin, log_z_c, t.tau, begin}, n, parallel ? &part2[chunk] : &best);
+    sample_source(OutsideSetScores{{begin}, c + begin, log_z_c, t.tau}, n, p, allowed, noise_floor,
+                  parallel ? &part2[chunk] : &best);
   });
   if (parallel) {
     for (const Best& b : part2) best.fold(b);
@@ -455,7 +470,7 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
       float& best_score = parallel ? part2_score[chunk] : running_best_score;
       const int64_t before = best.token;
       const float chunk_max = has_knowledge ? part.cd.max : part.c.max;
-      sample_chunk(RangeScores{Scores{chunk_c, nullptr, 0.0f, -INFINITY, 0.0f}, begin}, n, chunk_max, p, &best,
+      sample_chunk(RangeScores{{begin}, Scores{chunk_c, nullptr, 0.0f, -INFINITY, 0.0f}}, n, chunk_max, p, &best,
                    prefetch);
       if (best.token != before) best_score = chunk_c[best.token - begin];
     }
@@ -608,23 +623,13 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
 
   // Pass 2: Gumbel-max (or argmax) over the allowed tokens; ties go to the lowest index.
   const float allowed_threshold = threshold_from_key(allowed_key);
-  const float temperature = p.temperature;
   // A lower bound on the winning value, from the noisy values of allowed high-scoring
   // tokens: it lets every chunk skip hopeless tokens from its start.
-  float noise_floor = -INFINITY;
-  for (const int64_t j : {top_c, top_cd, top_in, top_out, top_z}) {
-    if (greedy || j < 0) continue;
-    const float zj = z.at(j);
-    if (zj != -INFINITY && zj >= allowed_threshold) noise_floor = std::max(noise_floor, noisy_value_floor(zj, j, p));
-  }
+  const float noise_floor = noise_floor_of({top_c, top_cd, top_in, top_out, top_z}, [&](int64_t j) { return z.at(j); },
+                                           allowed_threshold, p);
   for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
     const int64_t begin = chunk * kChunk, n = std::min(vocab, begin + kChunk) - begin;
-    const RangeScores src{z.from(begin), begin};
-    if (greedy) {
-      scores_argmax(src, n, &part2[chunk]);
-    } else {
-      gumbel_argmax(src, n, temperature, allowed_threshold, noise_floor, p.seed, p.position, &part2[chunk]);
-    }
+    sample_source(RangeScores{{begin}, z.from(begin)}, n, p, allowed_threshold, noise_floor, &part2[chunk]);
   });
   Best best;
   for (const Best& part : part2) best.fold(part);

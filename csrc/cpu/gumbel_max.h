@@ -157,43 +157,41 @@ struct Scores {
 inline __m512i lane_ids() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 #endif
 
-// Consecutive tokens first_token + i, scored by Scores.
-struct RangeScores {
-  Scores z;
+// The token ids of sources whose positions are consecutive tokens first_token + i.
+struct ConsecutiveTokens {
   int64_t first_token;
-  float at(int64_t i) const { return z.at(i); }
-  Vec load(int64_t i) const { return z.load(i); }
   int64_t token(int64_t i) const { return first_token + i; }
   void ids_at(int64_t i, int32_t* out) const {
     for (int l = 0; l < Vec::size(); ++l) out[l] = static_cast<int32_t>(first_token + i + l);
   }
 #if defined(CPU_CAPABILITY_AVX512)
-  Vec load(__mmask16 valid, int64_t i) const { return z.load(valid, i); }
   __m512i tokens(__mmask16, int64_t i) const {
     return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first_token + i)), lane_ids());
   }
 #endif
 };
 
+// Consecutive tokens, scored by Scores.
+struct RangeScores : ConsecutiveTokens {
+  Scores z;
+  float at(int64_t i) const { return z.at(i); }
+  Vec load(int64_t i) const { return z.load(i); }
+#if defined(CPU_CAPABILITY_AVX512)
+  Vec load(__mmask16 valid, int64_t i) const { return z.load(valid, i); }
+#endif
+};
+
 // Consecutive tokens outside the truncation set: z = s = c - log_z_c, and -inf for the
 // members of the set (c >= tau), which SetScores scores.
-struct OutsideSetScores {
+struct OutsideSetScores : ConsecutiveTokens {
   const float* c;
   float log_z_c;
   float tau;
-  int64_t first_token;
   float at(int64_t i) const { return c[i] >= tau ? -INFINITY : c[i] - log_z_c; }
   Vec of(Vec cv) const { return select(ge(cv, Vec(tau)), Vec(-INFINITY), cv - Vec(log_z_c)); }
   Vec load(int64_t i) const { return of(Vec::loadu(c + i)); }
-  int64_t token(int64_t i) const { return first_token + i; }
-  void ids_at(int64_t i, int32_t* out) const {
-    for (int l = 0; l < Vec::size(); ++l) out[l] = static_cast<int32_t>(first_token + i + l);
-  }
 #if defined(CPU_CAPABILITY_AVX512)
   Vec load(__mmask16 valid, int64_t i) const { return of(_mm512_maskz_loadu_ps(valid, c + i)); }
-  __m512i tokens(__mmask16, int64_t i) const {
-    return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first_token + i)), lane_ids());
-  }
 #endif
 };
 
@@ -242,6 +240,13 @@ struct Best {
 //   3. the survivors' logarithms and values, in blocks.
 // Every test is conservative (the margins exceed the rounding), so the result is the
 // maximum of value over all allowed tokens, with the noise of gumbel_from_words.
+// A score below which a token cannot reach the value `bound` whatever its noise:
+// z < gumbel_cutoff(bound, T) implies z / T + kGumbelMax < bound, with room for rounding.
+inline float gumbel_cutoff(float bound, float temperature) {
+  const float zb = (bound - kGumbelMax) * temperature;
+  return zb - 1e-3f * std::max(1.0f, std::fabs(zb));
+}
+
 constexpr int kCandidates = kNoiseBlock;  // stage-1 block
 constexpr int kSurvivors = 32;            // stage-3 buffer (AVX-512: flushed from 16 entries on)
 template <typename Source, typename Prefetch = NoPrefetch>
@@ -257,9 +262,7 @@ void gumbel_argmax(const Source& src, int64_t n, float temperature, float allowe
   float bound = -INFINITY, cutoff = -INFINITY;
   auto update_bounds = [&] {
     bound = std::max(best.value, noise_floor);
-    // z < cutoff implies z / T + kGumbelMax < bound with room to spare for rounding.
-    const float zb = (bound - kGumbelMax) * temperature;
-    cutoff = std::max(allowed_threshold, zb - 1e-3f * std::max(1.0f, std::fabs(zb)));
+    cutoff = std::max(allowed_threshold, gumbel_cutoff(bound, temperature));
   };
   update_bounds();
   auto flush_survivors = [&] {

@@ -79,14 +79,12 @@ inline Vec exp_nonpositive(Vec x) { return x.exp_u20(); }
 inline Mask ge(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
 inline Mask lt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 inline Mask eq(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
-inline Mask mask_and(Mask a, Mask b) { return a & b; }
 inline Mask mask_andnot(Mask a, Mask b) { return a & static_cast<Mask>(~b); }  // a and not b
 inline uint32_t mask_bits(Mask m) { return m; }
 #else
 inline Mask ge(Vec a, Vec b) { return a >= b; }
 inline Mask lt(Vec a, Vec b) { return a < b; }
 inline Mask eq(Vec a, Vec b) { return a == b; }
-inline Mask mask_and(Mask a, Mask b) { return a & b; }
 inline Mask mask_andnot(Mask a, Mask b) { return Vec::blendv(a, Vec(0.0f), b); }
 #if defined(CPU_CAPABILITY_AVX2)
 inline uint32_t mask_bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }  // sign bits
