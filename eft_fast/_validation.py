@@ -5,12 +5,14 @@ argument. The result is the canonical form every backend takes (see eft_fast/ref
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _UINT32_LIMIT = 2**32
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 GREEDY_TEMPERATURE = 1e-5
 
 
@@ -88,8 +90,12 @@ def _per_row(name: str, value, batch: int, device: torch.device, *, integer: boo
     if integer and not -(2**63) <= value < 2**63:
         raise ValueError(f"{name} must fit in int64, got {value}")
     if not integer:
-        # A huge int becomes inf here and fails the range checks below.
-        value = float(value) if abs(value) < 1e300 else float("inf") * (1 if value > 0 else -1)
+        try:
+            value = float(value)
+        except OverflowError:   # an int beyond float64: fails the range checks below as +-inf
+            value = math.copysign(math.inf, value)
+        if math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+            raise ValueError(f"{name} must be within float32's range (|x| <= {_FLOAT32_MAX:.8g}), got {value}")
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
@@ -112,6 +118,9 @@ def normalize_inputs(knowledge, tuned, reference, seeds, positions, *, reward_we
     if batch == 0:
         raise ValueError("tuned has batch size 0; eft_sample needs at least one row")
     device = tuned.device
+    if device.type == "meta":
+        raise ValueError("tuned is a meta tensor (shapes only, no values): eft_sample needs real tensors; for "
+                         "shape propagation trace torch.ops.eft_fast.eft_sample, which has a fake implementation")
 
     if knowledge is not None:
         knowledge = _check_logits("knowledge", knowledge, (2,))

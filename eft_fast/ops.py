@@ -1,6 +1,9 @@
 """eft_sample: the fused EFT sampling op behind one Python function, with backend dispatch."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 from . import _extension
@@ -39,10 +42,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "cpu" if _extension.has_backend("cpu") and device.type == "cpu" else "torch"
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
+    if backend == "triton":
+        _check_triton(device)
     if backend in ("cpu", "cuda") and not _extension.has_backend(backend):
         raise ValueError(f"backend={backend!r} is not compiled into this build of eft_fast "
                          f"(compiled: {_extension.build_info()['backends']})")
     return backend
+
+
+def _check_triton(device: torch.device) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("backend='triton' needs the triton package (pip install 'eft_fast[triton]')")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}; without a GPU, Triton "
+                         "kernels run only in its interpreter (TRITON_INTERPRET=1 in the environment)")
 
 
 def _native_logits(t: torch.Tensor | None) -> torch.Tensor | None:

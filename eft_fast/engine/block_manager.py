@@ -102,6 +102,24 @@ class BlockManager:
         table.blocks.extend(self.allocate(missing))
         return True
 
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def rebuild(self, tables: list[BlockTable]) -> None:
+        """Recount every block from the tables that own blocks (the live requests' tables).
+
+        The normal paths keep the counts exact. This is the repair after a step was
+        interrupted part-way (KeyboardInterrupt between an allocation and its table update):
+        afterwards a block is free exactly when no table holds it.
+        """
+        counts = [0] * self.num_blocks
+        for table in tables:
+            for b in table.blocks:
+                counts[b] += 1
+        self._ref_counts = counts
+        self._free = deque(b for b, n in enumerate(counts) if n == 0)
+
     def release(self, table: BlockTable) -> None:
         """Drop every block of ``table`` and empty it."""
         for b in table.blocks:

@@ -8,7 +8,7 @@ from .config import EngineConfig
 from .model_runner import ModelRunner, SequenceStep
 from .request import Request
 from .sampler import Roles, sample
-from .speculative import SpeculativeDecoder, round_k
+from .speculative import SpeculativeDecoder, draft_lengths
 from .static_step import StaticStep
 
 
@@ -30,19 +30,19 @@ class Decoder:
         return sample(self.roles, logits, rows, positions, vocab_size=self.vocab_size, backend=self.config.backend,
                       **kw)
 
-    def decode_round(self, requests: list[Request]) -> list[tuple[list[int], list[float], int]]:
+    def decode_round(self, requests: list[Request]) -> list[tuple[list[int], list[float], str | None]]:
         """One round: speculative when configured (and there is room for drafts), else plain.
 
-        Returns (new tokens, their logprobs, status) per request.
+        Returns (new tokens, their logprobs, error or None) per request.
         """
         if self.speculative is not None:
-            k = round_k(requests, self.runners, self.speculative.k)
+            k, own = draft_lengths(requests, self.runners, self.speculative.k)
             if k > 0:
-                return self.speculative.round(requests, k)
+                return self.speculative.round(requests, k, own)
         return self.plain_round(requests)
 
     @torch.inference_mode()
-    def plain_round(self, requests: list[Request]) -> list[tuple[list[int], list[float], int]]:
+    def plain_round(self, requests: list[Request]) -> list[tuple[list[int], list[float], str | None]]:
         """One token per request: every model reads its pending token; one fused sample."""
         logits = {m: self.decode_steps[m].forward([SequenceStep(r.tables[m], r.pending_tokens(m)) for r in requests])
                   for m in range(len(self.runners))}

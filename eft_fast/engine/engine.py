@@ -19,7 +19,9 @@ import torch
 
 from .block_manager import BlockTable
 from .config import EngineConfig
+from ..ops import resolve_backend
 from .decoding import Decoder
+from .loading import parse_device
 from .model_runner import ModelRunner, SequenceStep
 from .models import EngineModels
 from .outputs import RequestMetrics, RequestOutput, StreamDelta
@@ -27,7 +29,7 @@ from .request import Request, RequestStatus
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
-from .tokenization import IncrementalDetokenizer, encode_prompt, find_stop
+from .tokenization import IncrementalDetokenizer, check_prompt, encode_prompt, find_stop
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,15 @@ class EFTEngine:
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    num_blocks=num_blocks, kv_cache_bytes=kv_cache_bytes,
                                    max_model_len=max_model_len, use_cuda_graph=use_cuda_graph, backend=backend)
+        if device is not None:       # a backend that cannot run there fails before any model loads
+            resolve_backend(backend, parse_device(device))
         self.models = EngineModels.load(knowledge, tuned, reference, tokenizer=tokenizer, dtype=dtype, device=device,
                                         prompt_format=prompt_format)
+        model_device = next(self.models.models[0].parameters()).device
+        try:
+            resolve_backend(backend, model_device)
+        except ValueError as e:
+            raise ValueError(f"backend={backend!r} cannot sample the models' logits on {model_device}: {e}") from None
         self.roles = self.models.roles
         self.runners = [ModelRunner(model, block_size=block_size, num_blocks=num_blocks,
                                     kv_cache_bytes=kv_cache_bytes, max_model_len=max_model_len,
@@ -69,8 +78,8 @@ class EFTEngine:
         self.scheduler = Scheduler(self.runners, self.config)
         self.decoder = Decoder(self.runners, self.roles, self.config, self.models.vocab_size)
         self._next_id = 0
-        self._requests: dict[int, Request] = {}
-        self._failed: list[Request] = []   # finished outside a scheduled step, not reported yet
+        self._requests: dict[int, Request] = {}   # every request whose output was not taken yet
+        self._ended: list[Request] = []           # finished outside a step's batch, not reported yet
 
     # ---- requests --------------------------------------------------------------------------
     @property
@@ -90,7 +99,8 @@ class EFTEngine:
         if params.reward_weights is not None and len(params.reward_weights) != len(self.roles.tuned):
             raise ValueError(f"params.reward_weights has {len(params.reward_weights)} weights but the engine has "
                              f"{len(self.roles.tuned)} tuned model(s)")
-        prompt_ids = [encode_prompt(prompt if isinstance(prompt, str) else list(prompt), tok, fmt, role=name)
+        prompt = check_prompt(prompt)
+        prompt_ids = [encode_prompt(prompt, tok, fmt, role=name)
                       for tok, fmt, name in zip(self.models.tokenizers, self.models.formats, self.models.names)]
         for ids in prompt_ids:
             bad = [t for t in ids if not 0 <= t < self.models.vocab_size]
@@ -116,12 +126,32 @@ class EFTEngine:
             self.scheduler.add(request)
         return request.request_id
 
-    def _fail(self, request: Request, message: str) -> None:
+    def _fail(self, request: Request, message: str, reason: str = "error") -> None:
+        """End ``request`` now (its blocks freed); the next step reports it."""
         request.error = message
-        request.finish_reason = "error"
+        request.finish_reason = reason
         request.finish_time = time.perf_counter()
         self.scheduler.finish(request)
-        self._failed.append(request)
+        self._ended.append(request)
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request: it finishes with finish_reason "abort" and its KV blocks are freed
+        at once; the next step reports its final delta. Returns False (and does nothing) for
+        an unknown or already finished request."""
+        request = self._requests.get(request_id)
+        if request is None or request.finished:
+            return False
+        self._fail(request, None, reason="abort")
+        return True
+
+    def _forget(self, request_ids: Iterable[int]) -> None:
+        """Drop requests whose caller is gone (a closed stream, an interrupted generate):
+        unfinished ones are aborted first, so nothing keeps their blocks or keeps decoding them."""
+        for request_id in request_ids:
+            request = self._requests.pop(request_id, None)
+            if request is not None and not request.finished:
+                request.finish_reason, request.finish_time = "abort", time.perf_counter()
+                self.scheduler.finish(request)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -129,13 +159,19 @@ class EFTEngine:
     # ---- one engine step ---------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
         """Run one scheduled step (a prefill or a decode round); returns what each touched
-        request gained.
+        request gained (requests ended outside a step, by abort or at add_request, included).
 
         A step that raises (a model forward, the sampler, CUDA out of memory, a bug) does not
         propagate: the exception is logged, the requests of the step end with finish_reason
-        "error" and their blocks are freed (see :meth:`_abort_step`); the others go on.
+        "error" and their blocks are freed (see :meth:`_abort_step`); the others go on. An
+        interruption (KeyboardInterrupt, SystemExit) ends the step's requests with finish_reason
+        "abort", recounts the KV blocks, and propagates; the engine stays usable.
         """
-        touched, self._failed = self._failed, []
+        return [self._delta(r) for r in self._step()]
+
+    def _step(self) -> list[Request]:
+        """One step; the requests it touched, each once, without taking their deltas."""
+        touched, self._ended = self._ended, []
         scheduled = None
         try:
             scheduled = self.scheduler.schedule()
@@ -148,18 +184,22 @@ class EFTEngine:
                     new_tokens = self._prefill(scheduled.requests)
                 else:
                     new_tokens = self.decoder.decode_round(scheduled.requests)
-                for request, (tokens, logprobs, status) in zip(scheduled.requests, new_tokens):
-                    if status:
-                        self._fail(request, "sampling failed: NaN or infinite logits" if status == 1
-                                   else "sampling failed: every token was masked or filtered")
+                for request, (tokens, logprobs, error) in zip(scheduled.requests, new_tokens):
+                    if error:
+                        self._fail(request, error)
                     else:
                         self._append(request, tokens, logprobs)
         except Exception as exc:
             self._abort_step(scheduled, exc)
+        except BaseException as exc:
+            self._interrupted(scheduled, exc)
+            self._ended = touched + self._ended      # reported by the next step
+            raise
         stepped = scheduled.requests if scheduled is not None else []
-        touched += self._failed + [r for r in stepped if r not in self._failed]
-        self._failed = []
-        return [self._delta(r) for r in touched]
+        ended = set(self._ended)
+        touched += self._ended + [r for r in stepped if r not in ended]
+        self._ended = []
+        return touched
 
     def _abort_step(self, scheduled: ScheduledStep | None, exc: Exception) -> None:
         """End the requests of a step that raised, freeing their blocks.
@@ -179,6 +219,25 @@ class EFTEngine:
                      [r.request_id for r in victims], exc_info=exc)
         for request in victims:
             self._fail(request, f"the engine's {where} failed: {type(exc).__name__}: {exc}")
+
+    def _interrupted(self, scheduled: ScheduledStep | None, exc: BaseException) -> None:
+        """Leave the engine consistent after an interruption part-way through a step.
+
+        The step's requests (every running one, if scheduling was interrupted) may have half
+        advanced tables, token lists or block counts: they end with finish_reason "abort", as
+        does any unfinished request the interruption left in no queue. Then every pool's block
+        counts are rebuilt from the queued requests' tables (see :meth:`Scheduler.recover`).
+        """
+        sched = self.scheduler
+        victims = list(scheduled.requests) if scheduled is not None else list(sched.running)
+        queued = set(sched.running) | set(sched.waiting)
+        victims += [r for r in self._requests.values() if not r.finished and r not in queued and r not in victims]
+        victims = [r for r in victims if not r.finished]
+        sched.recover(victims)
+        for request in victims:
+            request.error = f"interrupted by {type(exc).__name__} during a step"
+            request.finish_reason, request.finish_time = "abort", time.perf_counter()
+            self._ended.append(request)
 
     @torch.inference_mode()
     def _prefill(self, requests: list[Request]):
@@ -245,50 +304,86 @@ class EFTEngine:
                             logprobs=request.logprobs[reported:])
         request.reported_tokens = len(request.output_ids)
         request.streamed_chars = end
+        request.final_reported = request.finished
         return delta
 
     # ---- user-facing loops ---------------------------------------------------------------------
     def _add_all(self, prompts, params) -> list[int]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            raise TypeError("prompts must be a list of prompts (strings or token-id lists), not a single prompt")
+        """Add every prompt, or none: if one is rejected, those added before it are dropped."""
+        if prompts is None or isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Iterable):
+            raise TypeError("prompts must be a list (or another iterable) of prompts, each a str or a list of "
+                            f"token ids; got {type(prompts).__name__}")
         prompts = list(prompts)
+        if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            raise TypeError("prompts must be a list of prompts (strings or token-id lists), not a single prompt")
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
             per_prompt = list(params)
         else:
             per_prompt = [params] * len(prompts)
-        return [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        ids: list[int] = []
+        try:
+            for i, (prompt, sp) in enumerate(zip(prompts, per_prompt)):
+                try:
+                    ids.append(self.add_request(prompt, sp))
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"prompts[{i}]: {e}") from e
+        except BaseException:
+            self._forget(ids)
+            raise
+        return ids
 
     def stream(self, prompts: Iterable[str | Sequence[int]], params=None) -> Iterator[StreamDelta]:
-        """Yield each request's new tokens and text as they are produced (continuous batching
-        over every queued request; deltas of other requests already in the engine too)."""
-        ids = set(self._add_all(prompts, params))
-        while ids:
-            for delta in self.step():
-                yield delta
-                if delta.finished:
-                    ids.discard(delta.request_id)
+        """Yield the new tokens and text of these prompts' requests as they are produced.
+
+        Every queued request decodes (continuous batching); only this call's requests are
+        yielded. A request is forgotten once its final delta (``finished=True``) is yielded.
+        Closing the generator early (``break``, an exception, garbage collection) aborts
+        this call's unfinished requests and frees their KV blocks.
+        """
+        ids = self._add_all(prompts, params)
+        try:
+            streaming = list(ids)
+            while streaming:
+                self._step()
+                for request_id in list(streaming):
+                    request = self._requests[request_id]
+                    if not request.has_news():
+                        continue
+                    delta = self._delta(request)
+                    if delta.finished:
+                        streaming.remove(request_id)
+                        del self._requests[request_id]
+                    yield delta
+        finally:
+            self._forget(ids)
 
     def generate(self, prompts: Iterable[str | Sequence[int]], params=None, *, progress: bool = False
                  ) -> list[RequestOutput]:
-        """Generate every prompt to completion; one RequestOutput per prompt, in order."""
+        """Generate every prompt to completion; one RequestOutput per prompt, in order.
+
+        An exception or interruption (KeyboardInterrupt) part-way aborts this call's
+        unfinished requests and frees their blocks before it propagates."""
         ids = self._add_all(prompts, params)
         bar = None
-        if progress:
-            from tqdm import tqdm
+        try:
+            if progress:
+                from tqdm import tqdm
 
-            bar = tqdm(total=len(ids), unit="req")
-        pending = set(ids)
-        while pending:
-            for delta in self.step():
-                if delta.finished and delta.request_id in pending:
-                    pending.discard(delta.request_id)
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
-        return [self.output(i, pop=True) for i in ids]
+                bar = tqdm(total=len(ids), unit="req")
+            pending = set(ids)
+            while pending:
+                for request in self._step():
+                    if request.finished and request.request_id in pending:
+                        pending.discard(request.request_id)
+                        if bar is not None:
+                            bar.update(1)
+            return [self.output(i, pop=True) for i in ids]
+        finally:
+            if bar is not None:
+                bar.close()
+            self._forget(ids)
 
     def output(self, request_id: int, pop: bool = False) -> RequestOutput:
         """The RequestOutput of a request (finished or not)."""
@@ -298,10 +393,21 @@ class EFTEngine:
                              error=request.error)
 
     def stats(self) -> dict:
-        """Aggregate counters since the engine was built: preemptions and, with speculation,
-        proposed / accepted draft tokens, acceptance rate and mean accepted drafts per round
-        (a round is one request's draft-and-verify)."""
-        out = {"num_preemptions": self.scheduler.num_preemptions}
+        """What the engine holds now, and counters since it was built.
+
+        num_requests_running / num_requests_waiting: the scheduler's queues.
+        num_requests_unclaimed: finished requests whose output was not taken yet
+        (``output(request_id, pop=True)``; ``generate`` and ``stream`` take their own).
+        kv_blocks_used / kv_blocks_total: per model role.
+        num_preemptions; with speculation, proposed / accepted draft tokens, rounds (a round is
+        one request's draft-and-verify), acceptance rate and mean accepted drafts per round.
+        """
+        sched = self.scheduler
+        out = {"num_requests_running": len(sched.running), "num_requests_waiting": len(sched.waiting),
+               "num_requests_unclaimed": sum(r.finished for r in self._requests.values()),
+               "kv_blocks_used": {n: r.blocks.num_used_blocks for n, r in zip(self.models.names, self.runners)},
+               "kv_blocks_total": {n: r.blocks.num_blocks for n, r in zip(self.models.names, self.runners)},
+               "num_preemptions": sched.num_preemptions}
         spec = self.decoder.speculative
         if spec is not None:
             out.update(proposed_tokens=spec.proposed, accepted_tokens=spec.accepted, rounds=spec.rounds,

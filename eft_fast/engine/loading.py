@@ -50,14 +50,23 @@ def parse_dtype(dtype) -> torch.dtype | str | None:
 
 
 def parse_device(device) -> torch.device | None:
+    """None, a str, torch.device or CUDA index -> torch.device or None. A CUDA device that
+    this machine does not have is a ``ValueError`` naming ``device``, before anything loads."""
     if device is None:
         return None
     if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
         raise TypeError(f"device must be a str, torch.device, int or None, got {type(device).__name__}")
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"device {device!r} is not a valid torch device: {e}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but torch sees no CUDA GPU on this machine "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return parsed
 
 
 def _check_role(role) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "eos", "error"]
-FINISH_REASONS = ("stop", "length", "eos", "error")
+FinishReason = Literal["stop", "length", "eos", "error", "abort"]
+FINISH_REASONS = ("stop", "length", "eos", "error", "abort")
 
 
 def _check_finish_reason(reason) -> None:
@@ -61,13 +61,13 @@ class RequestOutput:
         text: the detokenised generation, cut before a stop string if one matched.
         logprobs: per generated token, log softmax(z)_y of the untempered EFT distribution (fp32 values).
         finish_reason: "eos" (the end-of-sequence token), "stop" (a stop string or one of
-            ``stop_token_ids``), "length" (max_tokens), "error" (see ``error``), or None while
-            unfinished.
+            ``stop_token_ids``), "length" (max_tokens), "error" (see ``error``), "abort"
+            (``EFTEngine.abort``, a closed stream or an interrupted step), or None while unfinished.
         metrics: counts and timings.
-        error: why the request failed (finish_reason "error"), else None.
+        error: why the request failed (finish_reason "error") or was interrupted, else None.
     """
 
-    request_id: str
+    request_id: int
     prompt: str | list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -98,7 +98,7 @@ class StreamDelta:
         logprobs: log-probabilities of the new tokens.
     """
 
-    request_id: str
+    request_id: int
     token_ids: list[int]
     text: str
     finished: bool = False

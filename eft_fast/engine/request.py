@@ -49,6 +49,7 @@ class Request:
     detokenizer: object | None = None   # IncrementalDetokenizer when the engine has a tokenizer
     streamed_chars: int = 0             # text already handed out by stream deltas
     reported_tokens: int = 0            # output_ids already handed out by stream deltas
+    final_reported: bool = False        # the delta with finished=True was handed out
 
     def num_tokens(self, model: int) -> int:
         """Tokens model ``model`` must have seen before sampling the next one."""
@@ -61,6 +62,10 @@ class Request:
         if done >= len(prompt):
             return self.output_ids[done - len(prompt):]
         return prompt[done:] + self.output_ids
+
+    def has_news(self) -> bool:
+        """Whether a stream delta would hand out anything: new tokens, or the finish."""
+        return len(self.output_ids) > self.reported_tokens or (self.finished and not self.final_reported)
 
     @property
     def next_position(self) -> int:

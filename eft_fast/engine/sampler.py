@@ -1,13 +1,18 @@
 """Turn the models' logits of a batch into tokens with one fused ``eft_sample`` call."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .._validation import normalize_inputs
+from .._validation import EFTInputs, normalize_inputs
 from ..ops import resolve_backend, run_backend
+from ..reference import ROW_NAN, ROW_NO_TOKEN, ROW_OK
 from .request import Request
+
+ROW_REJECTED = 3   # engine only: the op rejected the row's parameters (message in SampleResult.errors)
+_ROW_MESSAGES = {ROW_NAN: "sampling failed: NaN or infinite logits",
+                 ROW_NO_TOKEN: "sampling failed: every token was masked or filtered"}
 
 
 @dataclass(frozen=True)
@@ -49,16 +54,25 @@ def needs_reference(roles: Roles, requests: list[Request]) -> bool:
 @dataclass
 class SampleResult:
     """tokens [N] int64, logprobs [N] fp32, status [N] int32 (0 = ok), all on the CPU,
-    and, if asked for, row_logprobs [N, V] fp32 (log softmax of the sampled-from scores)."""
+    and, if asked for, row_logprobs [N, V] fp32 (log softmax of the sampled-from scores).
+    ``errors`` holds the op's message for rows with status ROW_REJECTED."""
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
     status: torch.Tensor
     row_logprobs: torch.Tensor | None = None
+    errors: dict[int, str] = field(default_factory=dict)
 
-    def per_request(self) -> list[tuple[list[int], list[float], int]]:
-        """One row per request: ([token], [logprob], status) each, as decode rounds return them."""
-        return [([int(t)], [float(lp)], int(s)) for t, lp, s in zip(self.tokens, self.logprobs, self.status)]
+    def error(self, row: int) -> str | None:
+        """Why row ``row`` failed, or None if it was sampled."""
+        status = int(self.status[row])
+        if status == ROW_OK:
+            return None
+        return self.errors.get(row) or _ROW_MESSAGES.get(status, f"sampling failed (status {status})")
+
+    def per_request(self) -> list[tuple[list[int], list[float], str | None]]:
+        """One row per request: ([token], [logprob], error or None) each, as decode rounds return them."""
+        return [([int(t)], [float(lp)], self.error(i)) for i, (t, lp) in enumerate(zip(self.tokens, self.logprobs))]
 
 
 def sample(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], positions: list[int], *,
@@ -72,7 +86,53 @@ def sample(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], p
         positions: the noise position of each row.
         draft: sample from the small-scale policy s (no knowledge model).
         need_reference: False only when s = l_T (R = 1, weight 1 on every row).
+
+    SamplingParams are checked when a request is added, so the op accepts every row. Should
+    it still reject one (a ValueError / TypeError from its argument checks), the rows are
+    sampled again request by request, and only the rejected request's rows fail (status
+    ROW_REJECTED, the op's message in ``errors``): one request never fails its batch mates.
     """
+    kw = dict(vocab_size=vocab_size, draft=draft, need_reference=need_reference)
+    try:
+        inputs = _op_inputs(roles, logits, rows, positions, **kw)
+    except _REJECTED:
+        return _sample_each_request(roles, logits, rows, positions, backend, return_row_logprobs, **kw)
+    return _run(inputs, backend, return_row_logprobs)
+
+
+# What the op's argument checks raise, and what torch raises for a value it cannot convert
+# (an int beyond int64 is a RuntimeError).
+_REJECTED = (ValueError, TypeError, OverflowError, RuntimeError)
+
+
+def _sample_each_request(roles, logits, rows, positions, backend, return_row_logprobs, **kw) -> SampleResult:
+    """:func:`sample` one request's rows at a time; a request the op rejects gets ROW_REJECTED rows."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(id(r), []).append(i)
+    n = len(rows)
+    out = SampleResult(torch.zeros(n, dtype=torch.int64), torch.zeros(n), torch.zeros(n, dtype=torch.int32))
+    for idx in groups.values():
+        at = torch.tensor(idx)
+        try:
+            inputs = _op_inputs(roles, {m: x[at.to(x.device)] for m, x in logits.items()}, [rows[i] for i in idx],
+                                [positions[i] for i in idx], **kw)
+        except _REJECTED as e:
+            out.status[at] = ROW_REJECTED
+            out.errors.update((i, f"sampling failed: {e}") for i in idx)
+            continue
+        part = _run(inputs, backend, return_row_logprobs)
+        out.tokens[at], out.logprobs[at], out.status[at] = part.tokens, part.logprobs, part.status
+        if part.row_logprobs is not None:
+            if out.row_logprobs is None:
+                out.row_logprobs = part.row_logprobs.new_zeros(n, part.row_logprobs.shape[1])
+            out.row_logprobs[at.to(part.row_logprobs.device)] = part.row_logprobs
+    return out
+
+
+def _op_inputs(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], positions: list[int], *,
+               vocab_size: int, draft: bool, need_reference: bool) -> EFTInputs:
+    """The op's checked, canonical inputs for these rows."""
     tuned = torch.stack([logits[m] for m in roles.tuned])                          # [R, N, V]
     reference = None
     if roles.reference and (need_reference or not draft):
@@ -85,7 +145,7 @@ def sample(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], p
                                 else [1.0] * num_tuned for r in rows], dtype=torch.float32)
     p = [r.params for r in rows]
     device = tuned.device
-    inputs = normalize_inputs(
+    return normalize_inputs(
         knowledge, tuned, reference,
         torch.tensor([r.seed for r in rows], dtype=torch.int64, device=device),
         torch.tensor(positions, dtype=torch.int64, device=device),
@@ -95,7 +155,10 @@ def sample(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], p
         top_k=torch.tensor([x.top_k for x in p], dtype=torch.int64, device=device),
         top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=device),
         vocab_size=vocab_size)
-    tokens, logprob, row_logprobs, status = run_backend(inputs, resolve_backend(backend, device),
+
+
+def _run(inputs: EFTInputs, backend: str, return_row_logprobs: bool) -> SampleResult:
+    tokens, logprob, row_logprobs, status = run_backend(inputs, resolve_backend(backend, inputs.device),
                                                         return_row_logprobs)
     return SampleResult(tokens.cpu(), logprob.float().cpu(), status.cpu(),
                         row_logprobs if return_row_logprobs else None)

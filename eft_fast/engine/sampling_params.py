@@ -3,9 +3,21 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 from dataclasses import dataclass
 
 _SEED_LIMIT = 2**63
+_INT64_LIMIT = 2**63
+
+
+def _as_float32(value: float) -> float:
+    """``value`` rounded to float32, as the sampling kernels read it (+-inf past its range)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
 
 
 def _int(name: str, value, *, minimum: int) -> int:
@@ -18,11 +30,17 @@ def _int(name: str, value, *, minimum: int) -> int:
 
 
 def _float(name: str, value) -> float:
+    """A finite float within float32's range (the kernels compute in float32)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:   # an int beyond float64
+        raise ValueError(f"{name} must be within float32's range (|x| <= 3.4028235e38), got {_short(value)}") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if not math.isfinite(_as_float32(value)):
+        raise ValueError(f"{name} must be within float32's range (|x| <= 3.4028235e38), got {value}")
     return value
 
 
@@ -30,6 +48,8 @@ def _probability(name: str, value) -> float:
     value = _float(name, value)
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
+    if _as_float32(value) == 0.0:
+        raise ValueError(f"{name} must be in (0, 1] in float32, got {value}, which rounds to 0")
     return value
 
 
@@ -80,7 +100,11 @@ class SamplingParams:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         put("temperature", temperature)
-        put("top_k", _int("top_k", self.top_k, minimum=0))
+        top_k = _int("top_k", self.top_k, minimum=0)
+        if top_k >= _INT64_LIMIT:
+            raise ValueError(f"top_k must be < 2**63 (0 = off; any k >= the vocabulary keeps every token), "
+                             f"got {_short(top_k)}")
+        put("top_k", top_k)
         put("top_p", _probability("top_p", self.top_p))
         put("weight_top_p", _probability("weight_top_p", self.weight_top_p))
 

@@ -35,31 +35,35 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
 
-    @property
-    def lookahead(self) -> int:
-        """KV positions reserved beyond the next token (speculative drafts)."""
-        return self.config.speculative_k
-
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _needed(self, request: Request, model: int) -> int:
-        return min(request.num_tokens(model) + self.lookahead, self.runners[model].max_model_len + self.lookahead)
-
-    def _can_hold(self, request: Request) -> bool:
-        return all(r.blocks.can_hold(request.tables[m], self._needed(request, m)) for m, r in enumerate(self.runners))
+    def _needed(self, request: Request, model: int, lookahead: int) -> int:
+        """Positions model ``model``'s table must hold for a round with ``lookahead`` drafts:
+        the sequence so far plus the drafts, never past the context (draft_lengths keeps drafts
+        within it)."""
+        n = request.num_tokens(model)
+        return min(n + lookahead, max(self.runners[model].max_model_len, n))
 
     def _reserve(self, request: Request) -> bool:
-        """Grow every model's table for the request's next round; all or nothing."""
-        if not self._can_hold(request):
-            return False
-        for m, runner in enumerate(self.runners):
-            ok = runner.blocks.ensure(request.tables[m], self._needed(request, m))
-            assert ok, "can_hold and ensure disagree"
-        return True
+        """Grow every model's table for the request's next round; all or nothing.
+
+        Room for the sequence so far plus as many of the ``speculative_k`` drafts as the free
+        blocks allow: draft_lengths drafts only as far as every table reaches, so a short pool
+        shortens the drafts instead of failing or preempting a request that fits without them
+        (exact speculation then never changes a request's tokens or finish reason).
+        """
+        for lookahead in range(self.config.speculative_k, -1, -1):
+            needed = [self._needed(request, m, lookahead) for m in range(len(self.runners))]
+            if all(r.blocks.can_hold(request.tables[m], needed[m]) for m, r in enumerate(self.runners)):
+                for m, runner in enumerate(self.runners):
+                    ok = runner.blocks.ensure(request.tables[m], needed[m])
+                    assert ok, "can_hold and ensure disagree"
+                return True
+        return False
 
     def _release(self, request: Request) -> None:
         for m, runner in enumerate(self.runners):
@@ -73,6 +77,25 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
+
+    def recover(self, victims: list[Request]) -> None:
+        """After a step was interrupted part-way (KeyboardInterrupt): finish ``victims`` and
+        recount every pool's blocks from the tables of the requests still queued.
+
+        The victims' tables are dropped without freeing block by block, since their counts
+        may be the ones the interruption left half updated.
+        """
+        for request in victims:
+            for table in request.tables:
+                table.blocks, table.num_tokens = [], 0
+            if request in self.running:
+                self.running.remove(request)
+            if request in self.waiting:
+                self.waiting.remove(request)
+            request.status = RequestStatus.FINISHED
+        live = self.running + list(self.waiting)
+        for m, runner in enumerate(self.runners):
+            runner.blocks.rebuild([r.tables[m] for r in live])
 
     def preempt(self, request: Request) -> None:
         self._release(request)
@@ -128,8 +151,8 @@ class Scheduler:
         return ScheduledStep("decode", scheduled) if scheduled else self.schedule()
 
     def fits_empty_pool(self, request: Request) -> bool:
-        """Whether the request's next round fits each model's whole pool."""
+        """Whether the request's next round, without drafts, fits each model's whole pool."""
         from .block_manager import blocks_needed
 
-        return all(blocks_needed(self._needed(request, m), r.block_size) <= r.blocks.num_blocks
+        return all(blocks_needed(self._needed(request, m, 0), r.block_size) <= r.blocks.num_blocks
                    for m, r in enumerate(self.runners))

@@ -36,14 +36,25 @@ NEG_INF = float("-inf")
 STREAM_ACCEPT, STREAM_RESIDUAL = 1, 2
 
 
-def round_k(requests: list[Request], runners: list[ModelRunner], k: int) -> int:
-    """Draft length of a round: at most k, no longer than the longest remaining budget needs,
-    and within every model's context (the round writes k + 1 positions per model)."""
-    k = min(k, max(r.remaining_tokens for r in requests) - 1)
+def draft_lengths(requests: list[Request], runners: list[ModelRunner], k: int) -> tuple[int, list[int]]:
+    """(the round's draft length, each request's own draft length).
+
+    A request drafts ``min(k, remaining budget - 1, context room)``: a function of the request
+    alone, so that in rejection mode its samples do not depend on its batch mates. The round
+    runs the longest of those, cut to what every request's reserved blocks and context hold
+    (the round writes its k + 1 positions for every request; a request's rows past its own
+    length are computed, ignored and rolled back). Only that cut (a short KV pool, or a batch
+    mate at its context limit) can shorten a request's own drafts.
+    """
+    own, limit = [], k
     for r in requests:
-        for m, runner in enumerate(runners):
-            k = min(k, runner.max_model_len - r.num_tokens(m))
-    return max(k, 0)
+        context = min(runner.max_model_len - r.num_tokens(m) for m, runner in enumerate(runners))
+        reserved = min(len(r.tables[m].blocks) * runner.block_size - r.num_tokens(m)
+                       for m, runner in enumerate(runners))
+        own.append(max(0, min(k, r.remaining_tokens - 1, context)))
+        limit = min(limit, context, reserved)
+    round_len = max(0, min(max(own), limit))
+    return round_len, [min(n, round_len) for n in own]
 
 
 class SpeculativeDecoder:
@@ -75,8 +86,10 @@ class SpeculativeDecoder:
         return sample(self.roles, logits, rows, positions, vocab_size=self.vocab_size, backend=self.backend, **kw)
 
     @torch.inference_mode()
-    def round(self, requests: list[Request], k: int) -> list[tuple[list[int], list[float], int]]:
-        """One round with k >= 1 drafts per request; (emitted tokens, logprobs, status) per request."""
+    def round(self, requests: list[Request], k: int, own: list[int]
+              ) -> list[tuple[list[int], list[float], str | None]]:
+        """One round of k >= 1 draft steps; request b accepts at most ``own[b]`` <= k drafts
+        (see :func:`draft_lengths`). Returns (emitted tokens, logprobs, error or None) per request."""
         roles, rejection = self.roles, self.accept == "rejection"
         need_ref = needs_reference(roles, requests)
         draft_models = roles.small_models(need_ref)
@@ -87,7 +100,7 @@ class SpeculativeDecoder:
 
         # 1. draft: k + 1 one-token steps of the small models, k samples from s
         drafts = torch.zeros(n, k, dtype=torch.int64)
-        draft_failed = torch.zeros(n, dtype=torch.bool)
+        draft_results = []
         small_logits: dict[int, list[torch.Tensor]] = {m: [] for m in draft_models}
         draft_logq = []
         for i in range(k + 1):
@@ -100,9 +113,8 @@ class SpeculativeDecoder:
                 break
             res = self._sample({m: small_logits[m][i] for m in draft_models}, requests, [p + i for p in base],
                                draft=True, need_reference=need_ref, return_row_logprobs=rejection)
-            ok = res.status == 0
-            draft_failed |= ~ok
-            drafts[:, i] = torch.where(ok, res.tokens, torch.zeros_like(res.tokens))
+            draft_results.append(res)
+            drafts[:, i] = torch.where(res.status == 0, res.tokens, torch.zeros_like(res.tokens))
             if rejection:
                 draft_logq.append(res.row_logprobs)
 
@@ -119,15 +131,16 @@ class SpeculativeDecoder:
         res = self._sample(logits, rows, positions, return_row_logprobs=rejection)
         targets = res.tokens.view(n, k + 1)
         target_logprobs = res.logprobs.view(n, k + 1)
-        status = res.status.view(n, k + 1)
 
-        # 3. accept
+        # 3. accept (at most own[b] drafts; then the sample at the first rejection, or the bonus)
+        own_len = torch.tensor(own, dtype=torch.int64)
         if rejection:
             accepted, emitted_last, last_logprob = self._rejection(requests, rows, positions, drafts, targets,
-                                                                   res.row_logprobs, torch.stack(draft_logq, 1), k)
+                                                                   res.row_logprobs, torch.stack(draft_logq, 1), k,
+                                                                   own_len)
         else:
             match = (drafts == targets[:, :k]).to(torch.int64)
-            accepted = match.cumprod(dim=1).sum(dim=1)                           # leading matches
+            accepted = torch.minimum(match.cumprod(dim=1).sum(dim=1), own_len)      # leading matches
             emitted_last = targets.gather(1, accepted[:, None])[:, 0]
             last_logprob = target_logprobs.gather(1, accepted[:, None])[:, 0]
 
@@ -139,19 +152,22 @@ class SpeculativeDecoder:
                 r.tables[m].rollback(cached_before[b][m] + 1 + a)
             tokens = drafts[b, :a].tolist() + [int(emitted_last[b])]
             logprobs = [float(x) for x in target_logprobs[b, :a]] + [float(last_logprob[b])]
-            failed = bool(draft_failed[b]) or bool((status[b, :a + 1] != 0).any())
-            code = 0 if not failed else int(status[b].max()) or 1
-            r.proposed_tokens += k
+            # a failed draft the request used, or a failed target row it emits from
+            errors = [d.error(b) for d in draft_results[:own[b]]] + [res.error(b * (k + 1) + j) for j in range(a + 1)]
+            error = next((e for e in errors if e is not None), None)
+            r.proposed_tokens += own[b]
             r.accepted_tokens += a
             r.spec_rounds += 1
-            self.proposed += k
+            self.proposed += own[b]
             self.accepted += a
             self.rounds += 1
-            results.append((tokens, logprobs, code))
+            results.append((tokens, logprobs, error))
         return results
 
-    def _rejection(self, requests, rows, positions, drafts, targets, z_logprobs, draft_logprobs, k):
+    def _rejection(self, requests, rows, positions, drafts, targets, z_logprobs, draft_logprobs, k, own_len):
         """Leviathan acceptance over the batch, on the logits' device (one copy back at the end).
+        Request b tests its first ``own_len[b]`` drafts; every random number is a function of
+        its seed and position (streams 1 and 2), so the outcome does not depend on the batch.
 
         Returns (accepted [n], last emitted token [n], its EFT logprob [n]) on the CPU.
         """
@@ -170,7 +186,8 @@ class SpeculativeDecoder:
         u = uniform(seeds, pos, STREAM_ACCEPT).view(n, k + 1)[:, :k]
         d = drafts.to(dev)[:, :, None]
         ratio_ok = torch.log(u) < log_pi[:, :k].gather(2, d)[..., 0] - log_q.gather(2, d)[..., 0]
-        accepted = ratio_ok.to(torch.int64).cumprod(dim=1).sum(dim=1)                       # [n]
+        own_len = own_len.to(dev)
+        accepted = torch.minimum(ratio_ok.to(torch.int64).cumprod(dim=1).sum(dim=1), own_len)   # [n]
         # residual max(pi - q, 0) at the first rejected position (pi itself where pi == q)
         at = accepted.clamp(max=k - 1)
         rows_idx = torch.arange(n, device=dev)
@@ -180,6 +197,7 @@ class SpeculativeDecoder:
         flat = rows_idx * (k + 1) + at
         noise = gumbel_noise(seeds[flat], pos[flat], V, stream=STREAM_RESIDUAL)
         resampled = (residual.log() + noise).argmax(-1)
-        last = torch.where(accepted < k, resampled, targets.to(dev)[:, k])        # bonus when all k accepted
+        bonus = targets.to(dev).gather(1, own_len[:, None])[:, 0]                 # y at the row after its drafts
+        last = torch.where(accepted < own_len, resampled, bonus)
         last_logprob = z_logprobs.view(n, k + 1, V)[rows_idx, accepted, last]
         return accepted.cpu(), last.cpu(), last_logprob.float().cpu()

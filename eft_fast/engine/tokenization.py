@@ -12,6 +12,7 @@ import operator
 import re
 import weakref
 from dataclasses import dataclass
+from collections.abc import Sequence as SequenceABC
 from typing import Callable, Mapping, Sequence
 
 _MAX_SHOWN_DIFFS = 5
@@ -181,6 +182,27 @@ def _check_token_ids(ids, tokenizer, role: str | None) -> list[int]:
         raise ValueError(f"{where}prompt token ids must be in [0, {size if size is not None else 'vocab'}), "
                          f"got {bad[:5]}")
     return out
+
+
+def check_prompt(prompt) -> str | list:
+    """A prompt as the engine takes it: a str, or token ids (a list, tuple or other sequence,
+    or a 1-D tensor / array) as a list. Raises TypeError for anything else (None, bytes, a
+    number, a dict) and ValueError for text that is not valid Unicode (a lone surrogate)."""
+    if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the prompt is not valid Unicode text: {e.reason} at character {e.start} "
+                             f"({prompt[e.start:e.end]!r})") from None
+        return prompt
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__} "
+                        "(decode bytes to text first, e.g. prompt.decode('utf-8'))")
+    if hasattr(prompt, "tolist") and getattr(prompt, "ndim", None) == 1:   # a 1-D tensor or array of ids
+        return prompt.tolist()
+    if isinstance(prompt, SequenceABC):
+        return list(prompt)
+    raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
 
 
 def encode_prompt(prompt: str | Sequence[int], tokenizer, fmt=None, *, role: str | None = None) -> list[int]:
