@@ -93,7 +93,7 @@ def _per_row(name: str, value, batch: int, device: torch.device, *, integer: boo
         try:
             value = float(value)
         except OverflowError:   # an int beyond float64: fails the range checks below as +-inf
-            value = math.copysign(math.inf, value)
+            value = math.inf if value > 0 else -math.inf
         if math.isfinite(value) and abs(value) > _FLOAT32_MAX:
             raise ValueError(f"{name} must be within float32's range (|x| <= {_FLOAT32_MAX:.8g}), got {value}")
     return torch.full((batch,), value, dtype=dtype, device=device)

@@ -505,3 +505,25 @@ def test_tiny_temperature_is_greedy_and_huge_ints_name_the_argument():
         eft_fast.eft_sample(None, tuned, None, 0, 0, top_k=2**64)
     with pytest.raises(ValueError, match="temperature"):
         eft_fast.eft_sample(None, tuned, None, 0, 0, temperature=10**400)
+
+
+@pytest.mark.parametrize("arg", ["temperature", "weight_top_p", "top_p"])
+@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), (1e39, "float32's range"), (-1e39, "float32's range")])
+def test_scalar_parameters_out_of_float32_range_name_the_argument(inputs, backend, arg, value, shown):
+    with pytest.raises(ValueError, match=named(arg)) as info:
+        call(inputs, backend=backend, **{arg: value})
+    assert shown in str(info.value)
+
+
+def test_meta_tensors_are_refused_by_name():
+    meta = torch.zeros(2, 5, device="meta")
+    with pytest.raises(ValueError, match="meta tensor"):
+        eft_fast.eft_sample(meta, meta, meta, 0, 0)
+
+
+def test_triton_backend_on_cpu_tensors_outside_the_interpreter(inputs, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("the check is for machines without a GPU")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        call(inputs, backend="triton")

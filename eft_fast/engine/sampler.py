@@ -100,9 +100,7 @@ def sample(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], p
     return _run(inputs, backend, return_row_logprobs)
 
 
-# What the op's argument checks raise, and what torch raises for a value it cannot convert
-# (an int beyond int64 is a RuntimeError).
-_REJECTED = (ValueError, TypeError, OverflowError, RuntimeError)
+_REJECTED = (ValueError, TypeError)   # what the op's argument checks (and _column) raise
 
 
 def _sample_each_request(roles, logits, rows, positions, backend, return_row_logprobs, **kw) -> SampleResult:
@@ -112,6 +110,9 @@ def _sample_each_request(roles, logits, rows, positions, backend, return_row_log
         groups.setdefault(id(r), []).append(i)
     n = len(rows)
     out = SampleResult(torch.zeros(n, dtype=torch.int64), torch.zeros(n), torch.zeros(n, dtype=torch.int32))
+    if return_row_logprobs:
+        device = logits[roles.tuned[0]].device
+        out.row_logprobs = torch.zeros(n, kw["vocab_size"], device=device)
     for idx in groups.values():
         at = torch.tensor(idx)
         try:
@@ -123,10 +124,8 @@ def _sample_each_request(roles, logits, rows, positions, backend, return_row_log
             continue
         part = _run(inputs, backend, return_row_logprobs)
         out.tokens[at], out.logprobs[at], out.status[at] = part.tokens, part.logprobs, part.status
-        if part.row_logprobs is not None:
-            if out.row_logprobs is None:
-                out.row_logprobs = part.row_logprobs.new_zeros(n, part.row_logprobs.shape[1])
-            out.row_logprobs[at.to(part.row_logprobs.device)] = part.row_logprobs
+        if return_row_logprobs:
+            out.row_logprobs[at.to(out.row_logprobs.device)] = part.row_logprobs
     return out
 
 
@@ -139,22 +138,29 @@ def _op_inputs(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request
         reference = torch.stack([logits[m] for m in dict.fromkeys(roles.reference)])
     knowledge = None if (draft or roles.single_model) else logits[roles.knowledge]
     num_tuned = len(roles.tuned)
-    weights = None
-    if any(r.params.reward_weights is not None for r in rows):
-        weights = torch.tensor([list(r.params.reward_weights) if r.params.reward_weights is not None
-                                else [1.0] * num_tuned for r in rows], dtype=torch.float32)
     p = [r.params for r in rows]
     device = tuned.device
+    f32, i64 = torch.float32, torch.int64
+    weights = None
+    if any(x.reward_weights is not None for x in p):
+        weights = _column("reward_weights", [list(x.reward_weights) if x.reward_weights is not None
+                                             else [1.0] * num_tuned for x in p], f32, device)
     return normalize_inputs(
-        knowledge, tuned, reference,
-        torch.tensor([r.seed for r in rows], dtype=torch.int64, device=device),
-        torch.tensor(positions, dtype=torch.int64, device=device),
-        reward_weights=None if weights is None else weights.to(device),
-        temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=device),
-        weight_top_p=torch.tensor([x.weight_top_p for x in p], dtype=torch.float32, device=device),
-        top_k=torch.tensor([x.top_k for x in p], dtype=torch.int64, device=device),
-        top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=device),
+        knowledge, tuned, reference, _column("seed", [r.seed for r in rows], i64, device),
+        _column("positions", positions, i64, device), reward_weights=weights,
+        temperature=_column("temperature", [x.temperature for x in p], f32, device),
+        weight_top_p=_column("weight_top_p", [x.weight_top_p for x in p], f32, device),
+        top_k=_column("top_k", [x.top_k for x in p], i64, device),
+        top_p=_column("top_p", [x.top_p for x in p], f32, device),
         vocab_size=vocab_size)
+
+
+def _column(name: str, values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One per-row parameter as a tensor; a value torch cannot convert is a ValueError naming it."""
+    try:
+        return torch.tensor(values, dtype=dtype, device=device)
+    except (RuntimeError, OverflowError, TypeError, ValueError) as e:   # e.g. an int beyond int64
+        raise ValueError(f"{name} cannot be converted to {dtype}: {e}") from None
 
 
 def _run(inputs: EFTInputs, backend: str, return_row_logprobs: bool) -> SampleResult:

@@ -29,11 +29,13 @@ from ..reference import sampling_log_probs
 from .config import EngineConfig
 from .model_runner import ModelRunner, SequenceStep
 from .request import Request
-from .sampler import Roles, needs_reference, sample
+from .sampler import ROW_REJECTED, Roles, needs_reference, sample
+from .sampling_params import SamplingParams
 from .static_step import StaticStep
 
 NEG_INF = float("-inf")
 STREAM_ACCEPT, STREAM_RESIDUAL = 1, 2
+_DEFAULT_PARAMS = SamplingParams()
 
 
 def draft_lengths(requests: list[Request], runners: list[ModelRunner], k: int) -> tuple[int, list[int]]:
@@ -137,7 +139,7 @@ class SpeculativeDecoder:
         if rejection:
             accepted, emitted_last, last_logprob = self._rejection(requests, rows, positions, drafts, targets,
                                                                    res.row_logprobs, torch.stack(draft_logq, 1), k,
-                                                                   own_len)
+                                                                   own_len, res.status == ROW_REJECTED)
         else:
             match = (drafts == targets[:, :k]).to(torch.int64)
             accepted = torch.minimum(match.cumprod(dim=1).sum(dim=1), own_len)      # leading matches
@@ -164,15 +166,19 @@ class SpeculativeDecoder:
             results.append((tokens, logprobs, error))
         return results
 
-    def _rejection(self, requests, rows, positions, drafts, targets, z_logprobs, draft_logprobs, k, own_len):
+    def _rejection(self, requests, rows, positions, drafts, targets, z_logprobs, draft_logprobs, k, own_len,
+                   rejected):
         """Leviathan acceptance over the batch, on the logits' device (one copy back at the end).
         Request b tests its first ``own_len[b]`` drafts; every random number is a function of
         its seed and position (streams 1 and 2), so the outcome does not depend on the batch.
 
+        Rows the op rejected (``rejected`` [n (k + 1)]; their requests fail) are computed
+        with default parameters, so that their values cannot break the batch.
+
         Returns (accepted [n], last emitted token [n], its EFT logprob [n]) on the CPU.
         """
         n, V, dev = len(requests), self.vocab_size, z_logprobs.device
-        p = [r.params for r in rows]
+        p = [_DEFAULT_PARAMS if bad else r.params for r, bad in zip(rows, rejected.tolist())]
         f64 = dict(dtype=torch.float64, device=dev)
         temperature = torch.tensor([x.temperature for x in p], **f64)
         top_k = torch.tensor([x.top_k for x in p], dtype=torch.int64, device=dev)
