@@ -228,3 +228,20 @@ def test_interrupt_inside_the_scheduler(family, rng, monkeypatch):
     monkeypatch.undo()
     assert [o.finish_reason for o in engine.generate(prompts, params)] == ["length"] * 4
     assert_nothing_held(engine)
+
+
+def test_a_stream_dropped_before_its_first_item_aborts_its_requests(family, rng):
+    prompts, params = _requests(rng, 3)
+    engine = _engine(family)
+    stream = engine.stream(prompts, params)
+    assert engine.stats()["num_requests_waiting"] == 3      # queued at the call
+    del stream
+    gc.collect()
+    assert_nothing_held(engine)
+
+
+def test_a_bad_prompt_fails_the_stream_call_itself(family):
+    engine = _engine(family)
+    with pytest.raises(ValueError, match=r"prompts\[1\]"):
+        engine.stream([[1, 2], [VOCAB + 1]], SamplingParams(max_tokens=2))
+    assert_nothing_held(engine)

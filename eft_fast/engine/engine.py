@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+import weakref
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -159,7 +160,9 @@ class EFTEngine:
     # ---- one engine step ---------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
         """Run one scheduled step (a prefill or a decode round); returns what each touched
-        request gained (requests ended outside a step, by abort or at add_request, included).
+        request added with :meth:`add_request` gained (requests ended outside a step, by abort
+        or at add_request, included). Requests of a ``stream`` or ``generate`` call decode too,
+        but their deltas are that call's.
 
         A step that raises (a model forward, the sampler, CUDA out of memory, a bug) does not
         propagate: the exception is logged, the requests of the step end with finish_reason
@@ -167,7 +170,7 @@ class EFTEngine:
         interruption (KeyboardInterrupt, SystemExit) ends the step's requests with finish_reason
         "abort", recounts the KV blocks, and propagates; the engine stays usable.
         """
-        return [self._delta(r) for r in self._step()]
+        return [self._delta(r) for r in self._step() if not r.owned]
 
     def _step(self) -> list[Request]:
         """One step; the requests it touched, each once, without taking their deltas."""
@@ -308,6 +311,14 @@ class EFTEngine:
         return delta
 
     # ---- user-facing loops ---------------------------------------------------------------------
+    def _check_progress(self, request_ids) -> None:
+        """Called when a step brought a waiting loop nothing: unless some request can still
+        run, the loop would spin forever, so this raises instead (an engine bug)."""
+        if self.scheduler.has_work():
+            return
+        raise RuntimeError(f"eft_fast engine bug: requests {sorted(request_ids)} are awaited, but none can make "
+                           "progress and there is nothing left to report")
+
     def _add_all(self, prompts, params) -> list[int]:
         """Add every prompt, or none: if one is rejected, those added before it are dropped."""
         if prompts is None or isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Iterable):
@@ -327,6 +338,7 @@ class EFTEngine:
             for i, (prompt, sp) in enumerate(zip(prompts, per_prompt)):
                 try:
                     ids.append(self.add_request(prompt, sp))
+                    self._requests[ids[-1]].owned = True
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"prompts[{i}]: {e}") from e
         except BaseException:
@@ -335,23 +347,29 @@ class EFTEngine:
         return ids
 
     def stream(self, prompts: Iterable[str | Sequence[int]], params=None) -> Iterator[StreamDelta]:
-        """Yield the new tokens and text of these prompts' requests as they are produced.
+        """Queue the prompts now (a bad one raises here, and none is queued); return an
+        iterator of their requests' new tokens and text as they are produced.
 
         Every queued request decodes (continuous batching); only this call's requests are
         yielded. A request is forgotten once its final delta (``finished=True``) is yielded.
-        Closing the generator early (``break``, an exception, garbage collection) aborts
-        this call's unfinished requests and frees their KV blocks.
+        Closing the iterator early (``break``, an exception, garbage collection, even before
+        its first item) aborts this call's unfinished requests and frees their KV blocks.
         """
         ids = self._add_all(prompts, params)
+        deltas = self._stream(ids)
+        weakref.finalize(deltas, self._forget, ids)   # also when dropped before its first next()
+        return deltas
+
+    def _stream(self, ids: list[int]) -> Iterator[StreamDelta]:
         try:
             streaming = list(ids)
             while streaming:
                 self._step()
-                for request_id in list(streaming):
-                    request = self._requests[request_id]
-                    if not request.has_news():
-                        continue
-                    delta = self._delta(request)
+                news = [i for i in streaming if self._requests[i].has_news()]
+                if not news:
+                    self._check_progress(streaming)
+                for request_id in news:
+                    delta = self._delta(self._requests[request_id])
                     if delta.finished:
                         streaming.remove(request_id)
                         del self._requests[request_id]
@@ -374,7 +392,10 @@ class EFTEngine:
                 bar = tqdm(total=len(ids), unit="req")
             pending = set(ids)
             while pending:
-                for request in self._step():
+                touched = self._step()
+                if not touched:
+                    self._check_progress(pending)
+                for request in touched:
                     if request.finished and request.request_id in pending:
                         pending.discard(request.request_id)
                         if bar is not None:

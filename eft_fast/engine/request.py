@@ -50,6 +50,7 @@ class Request:
     streamed_chars: int = 0             # text already handed out by stream deltas
     reported_tokens: int = 0            # output_ids already handed out by stream deltas
     final_reported: bool = False        # the delta with finished=True was handed out
+    owned: bool = False                 # added by a stream / generate call, which takes its deltas
 
     def num_tokens(self, model: int) -> int:
         """Tokens model ``model`` must have seen before sampling the next one."""
