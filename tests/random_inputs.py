@@ -1,6 +1,8 @@
 """Random eft_sample inputs with per-row settings drawn from the test grid."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from eft_fast._validation import EFTInputs, normalize_inputs
@@ -9,6 +11,8 @@ GRID_TEMPERATURE = (0.0, 0.7, 1.0)
 GRID_WEIGHT_TOP_P = (1.0, 0.9, 0.5)
 GRID_TOP_K = (0, 5)
 GRID_TOP_P = (1.0, 0.8)
+# Rows of wide_gap_inputs: every (weight_top_p, temperature) pair.
+WIDE_GAP_SETTINGS = tuple((w, t) for w in (0.5, 0.9, 0.99, 1.0) for t in (0.0, 1.0))
 
 
 def _pick(choices, batch, gen):
@@ -54,3 +58,21 @@ def random_inputs(gen: torch.Generator, *, batch: int, vocab: int, dtype=torch.f
         top_k=_pick(GRID_TOP_K, batch, gen) if filters else 0,
         top_p=_pick(GRID_TOP_P, batch, gen) if filters else 1.0,
         vocab_size=vocab)
+
+
+def wide_gap_inputs(gen: torch.Generator, *, vocab: int, scale: float, num_tuned: int = 1) -> EFTInputs:
+    """Inputs whose logits span hundreds or thousands of nats (N(0, scale^2), about 5% -inf),
+    one row per pair of WIDE_GAP_SETTINGS, no top-k / top-p.
+
+    With such gaps the truncation set S is often the top token alone, and every other token
+    lies far below it. Odd rows also mask the knowledge logit of tuned model 0's top token,
+    so that S can hold no mass of z at all and only the tokens far below the top remain.
+    """
+    weight_top_p, temperature = (torch.tensor(v) for v in zip(*WIDE_GAP_SETTINGS))
+    inputs = random_inputs(gen, batch=len(WIDE_GAP_SETTINGS), vocab=vocab, num_tuned=num_tuned,
+                           per_model_reference=num_tuned > 1, neg_inf_fraction=0.05, scale=scale,
+                           filters=False)
+    top = inputs.tuned[0].argmax(-1, keepdim=True)
+    inputs.knowledge[1::2].scatter_(-1, top[1::2], float("-inf"))
+    return dataclasses.replace(inputs, weight_top_p=weight_top_p.to(inputs.weight_top_p),
+                               temperature=temperature.to(inputs.temperature))

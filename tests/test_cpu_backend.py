@@ -15,7 +15,7 @@ from eft_fast.ops import run_backend
 from eft_fast.reference import eft_sample_reference
 
 from backend_compare import assert_backend_matches
-from random_inputs import random_inputs
+from random_inputs import random_inputs, wide_gap_inputs
 
 pytestmark = pytest.mark.skipif(not _extension.has_backend("cpu"), reason="native extension not built")
 
@@ -123,6 +123,65 @@ def test_vocab_split_truncation_is_bit_identical(rng, weight_top_p):
     split, serial = _split_and_serial(inputs)
     for a, b in zip(split, serial):
         assert torch.equal(a, b)
+
+
+def _one_row(*values):
+    return [torch.tensor([v], dtype=torch.float32) for v in values]
+
+
+@pytest.mark.parametrize("return_logprobs", [False, True])
+def test_truncation_with_the_rest_far_below_the_top(return_logprobs):
+    # S is token 1 alone and every other token is about 200 nats below it. The knowledge
+    # model leaves S almost no mass of z (1000 nats below) or none (-inf), so z's mass is
+    # the mass outside S, which a sum relative to the top of c loses to underflow.
+    knowledge, tuned, reference = _one_row([0, -1000, 0, 0], [0, 200, 1, 2], [0] * 4)
+    got = eft_sample(knowledge, tuned, reference, 0, 0, weight_top_p=0.5, return_logprobs=return_logprobs,
+                     backend="cpu")
+    want = eft_sample(knowledge, tuned, reference, 0, 0, weight_top_p=0.5, return_logprobs=return_logprobs,
+                      backend="torch")
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=0)
+    assert float(want[1]) == pytest.approx(-0.4076, abs=1e-3)
+    if return_logprobs:
+        torch.testing.assert_close(got[2], want[2], atol=1e-4, rtol=0)
+
+    knowledge, tuned, reference = _one_row([0, float("-inf"), 0], [0, 200, 0], [0] * 3)
+    got = eft_sample(knowledge, tuned, reference, 0, 0, weight_top_p=0.5, return_logprobs=return_logprobs,
+                     backend="cpu")
+    want = eft_sample(knowledge, tuned, reference, 0, 0, weight_top_p=0.5, return_logprobs=return_logprobs,
+                      backend="torch")
+    assert int(got[0]) == int(want[0]) == 0
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("knowledge_at_top", [-1000.0, float("-inf")])
+@pytest.mark.parametrize("weight_top_p", [0.5, 0.9])
+def test_vocab_split_truncation_with_the_rest_far_below_the_top(rng, weight_top_p, knowledge_at_top):
+    # The same gaps over three chunks, with the vocabulary split across threads (one row)
+    # and not: the top token of c (S, its z pushed down or masked by the knowledge model) is
+    # in the middle chunk, the rest of the row hundreds of nats below it.
+    logits = torch.randn(3, 1, 20011, generator=rng) * 30
+    logits[1, :, 10007] = 500.0
+    logits[0, :, 10007] = knowledge_at_top
+    inputs = _fixed_inputs(rng, logits, weight_top_p=weight_top_p)
+    split, serial = _split_and_serial(inputs)
+    for a, b in zip(split, serial):
+        assert torch.equal(a, b)
+    assert_backend_matches(inputs, serial, check_rows=True, logprob_atol=1e-3)
+
+
+@pytest.mark.parametrize("num_tuned", [1, 2])
+@pytest.mark.parametrize("vocab", [5, 37, 111, 1000])
+@pytest.mark.parametrize("scale", [50, 300, 1000])
+def test_wide_gaps_match_reference(rng, scale, vocab, num_tuned):
+    # Logits spanning hundreds or thousands of nats, some -inf, rows of every (weight_top_p,
+    # temperature) pair: no gap may break a sum of exponentials. Both sampling paths (the
+    # set list, and z in memory for the full row). fp32 rounds z (up to ~8 * scale) by
+    # ~5e-7 * scale per operation, hence the log-prob tolerance.
+    inputs = wide_gap_inputs(rng, vocab=vocab, scale=scale, num_tuned=num_tuned)
+    atol = max(1e-4, 5e-6 * scale)
+    assert_backend_matches(inputs, run_backend(inputs, "cpu", False), logprob_atol=atol)
+    assert_backend_matches(inputs, run_backend(inputs, "cpu", True), logprob_atol=atol, check_rows=True)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])

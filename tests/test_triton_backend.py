@@ -25,6 +25,8 @@ from eft_fast.kernels.eft_sample import eft_sample_triton  # noqa: E402
 from eft_fast.philox import gumbel_noise  # noqa: E402
 from eft_fast.reference import eft_sample_reference, masked_log_softmax, top_k_mask  # noqa: E402
 
+from random_inputs import wide_gap_inputs  # noqa: E402
+
 NEG_INF = float("-inf")
 EPS = 1e-4  # boundary margin for skipping rows, and the log-prob tolerance
 
@@ -142,16 +144,17 @@ def _boundary_rows(args, ref, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     return weight_boundary, token_boundary
 
 
-def _assert_close_rows(actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tensor) -> None:
-    """Row log-probs: -inf exactly where the reference has -inf, else within EPS."""
+def _assert_close_rows(actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tensor, atol: float = EPS) -> None:
+    """Row log-probs: -inf exactly where the reference has -inf, else within atol."""
     actual, expected = actual[rows].double(), expected[rows]
     assert torch.equal(torch.isneginf(actual), torch.isneginf(expected))
     finite = ~torch.isneginf(expected)
-    torch.testing.assert_close(actual[finite], expected[finite], atol=EPS, rtol=1e-6)
+    torch.testing.assert_close(actual[finite], expected[finite], atol=atol, rtol=1e-6)
 
 
-def check_against_reference(args, block_size=None) -> int:
-    """Run both, compare everything the boundaries allow; return the rows fully compared."""
+def check_against_reference(args, block_size=None, atol: float = EPS) -> int:
+    """Run both, compare everything the boundaries allow; return the rows fully compared.
+    atol: the log-prob tolerance (logits of large magnitude need more than EPS)."""
     tokens, logprob, rows, status = eft_sample_triton(*args, True, block_size=block_size)
     ref = eft_sample_reference(*args)
     assert tokens.dtype == torch.int64 and logprob.dtype == torch.float32
@@ -160,13 +163,13 @@ def check_against_reference(args, block_size=None) -> int:
     assert torch.equal(status, ref.status)
     weight_boundary, token_boundary = _boundary_rows(args, ref)
     comparable = ~weight_boundary
-    _assert_close_rows(rows, ref.row_logprobs, comparable)
+    _assert_close_rows(rows, ref.row_logprobs, comparable, atol)
     same_token = comparable & ~token_boundary
     assert torch.equal(tokens[same_token], ref.tokens[same_token]), (tokens, ref.tokens, same_token)
     errors = ref.status != 0
     assert torch.equal(tokens[errors], torch.full_like(tokens[errors], -1)) and logprob[errors].isnan().all()
     both = comparable & ~errors & (tokens == ref.tokens)
-    torch.testing.assert_close(logprob[both].double(), ref.logprob[both], atol=EPS, rtol=1e-6)
+    torch.testing.assert_close(logprob[both].double(), ref.logprob[both], atol=atol, rtol=1e-6)
     return int(same_token.sum())
 
 
@@ -188,6 +191,17 @@ def test_single_row(rng, mode, vocab):
     settings = [SETTINGS[int(torch.randint(len(SETTINGS), (1,), generator=rng))]]
     args = make_inputs(rng, 1, vocab, mode, torch.float32, settings)
     assert check_against_reference(args, VOCABS[vocab][2]) >= 0
+
+
+@pytest.mark.parametrize("num_tuned", [1, 2])
+@pytest.mark.parametrize("vocab,block_size", [(5, None), (37, 16)], ids=["V5", "V37-chunked"])
+@pytest.mark.parametrize("scale", [50, 300, 1000])
+def test_wide_gaps_match_reference(rng, scale, vocab, block_size, num_tuned):
+    """Logits spanning hundreds or thousands of nats, some -inf, rows of every (weight_top_p,
+    temperature) pair: no gap may break a sum of exponentials. fp32 rounds z (up to ~8 * scale)
+    by ~5e-7 * scale per operation, hence the log-prob tolerance."""
+    inputs = wide_gap_inputs(rng, vocab=vocab, scale=scale, num_tuned=num_tuned)
+    check_against_reference(inputs.as_args(), block_size, atol=max(EPS, 5e-6 * scale))
 
 
 def test_rows_are_independent_of_batch_slot(rng):

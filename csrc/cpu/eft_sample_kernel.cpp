@@ -74,7 +74,26 @@ inline float log_add_exp(float a, float b) {
   if (m == -INFINITY) return -INFINITY;
   return m + std::log(std::exp(a - m) + std::exp(b - m));
 }
-inline float log_of_scaled(float sum, float origin) { return sum > 0.0f ? origin + std::log(sum) : -INFINITY; }
+
+// The log-sum-exp of value(j), j in [begin, end), -inf masked: the maximum first, then the
+// sum relative to it, so the largest term is 1 and only terms negligible next to it can
+// underflow, whatever the gaps. vec_value(j) gives lanes j .. j + Vec::size() - 1 with the
+// same operations.
+template <typename VecValue, typename Value>
+OnlineLse log_sum_exp_of(int64_t begin, int64_t end, const VecValue& vec_value, const Value& value) {
+  constexpr int kW = Vec::size();
+  Vec max_lanes(-INFINITY);
+  int64_t j = begin;
+  for (; j + kW <= end; j += kW) max_lanes = max_v(max_lanes, vec_value(j));
+  float m = horizontal_max(max_lanes, -INFINITY);
+  for (; j < end; ++j) m = std::max(m, value(j));
+  if (m == -INFINITY) return OnlineLse{};
+  Vec sum_lanes(0.0f);
+  for (j = begin; j + kW <= end; j += kW) sum_lanes = sum_lanes + exp_nonpositive(vec_value(j) - Vec(m));
+  float sum = horizontal_sum(sum_lanes);
+  for (; j < end; ++j) sum += std::exp(value(j) - m);
+  return OnlineLse{m, sum};
+}
 
 template <typename U>
 using Buffer = std::unique_ptr<U[]>;
@@ -123,7 +142,8 @@ Scratch& thread_scratch(int64_t vocab) {
 struct Truncation {
   float tau = -INFINITY;            // S = {c_j >= tau}
   float log_mass_in = -INFINITY;   // log sum_{j in S} exp(c_j + d_j)
-  float log_mass_out = -INFINITY;  // log sum_{j not in S} exp(c_j)
+  // log sum_{j not in S} exp(c_j), from sums relative to c_max: see mass_out_may_be_lost.
+  float log_mass_out = -INFINITY;
   // The tokens of largest score on each side: max c + d in S, max c outside (-1: none found).
   int64_t top_in = -1, top_out = -1;
   // The members of S in token order, (token, c, d) at set_token[i], set_c[i], set_d[i].
@@ -224,7 +244,9 @@ Truncation truncate_row(const std::vector<Pass1Result>& part1, Scratch& sc, cons
   }
   out += horizontal_sum(out_v);
   out_max = horizontal_max(out_max_v, out_max);
-  t.log_mass_out = log_of_scaled(out, c_max);
+  // out is 0 when there is no token outside S, or when every one underflowed; the caller
+  // tells the two apart (mass_out_may_be_lost).
+  t.log_mass_out = out > 0.0f ? c_max + std::log(out) : -INFINITY;
   t.set_token = set_token;
   t.set_c = set_c;
   t.set_d = set_d;
@@ -237,23 +259,47 @@ Truncation truncate_row(const std::vector<Pass1Result>& part1, Scratch& sc, cons
                                   [&](int64_t i) { return cc[i]; });
     if (k >= 0) t.top_out = sc.cand_token[base + k];
   }
-  // The mass of S, sum exp(c + d), relative to its max.
+  // The mass of S, sum exp(c + d), and its top.
   auto cd_at = [&](int64_t i) { return set_c[i] + set_d[i]; };
   auto cd_vec = [&](int64_t i) { return Vec::loadu(set_c + i) + Vec::loadu(set_d + i); };
-  Vec in_max_v(-INFINITY);
-  int64_t i = 0;
-  for (; i + kW <= n_in; i += kW) in_max_v = max_v(in_max_v, cd_vec(i));
-  float in_max = horizontal_max(in_max_v, -INFINITY);
-  for (; i < n_in; ++i) in_max = std::max(in_max, cd_at(i));
-  if (n_in > 0 && in_max != -INFINITY) {
-    Vec in_sum_v(0.0f);
-    for (i = 0; i + kW <= n_in; i += kW) in_sum_v = in_sum_v + exp_nonpositive(cd_vec(i) - Vec(in_max));
-    float in_sum = horizontal_sum(in_sum_v);
-    for (; i < n_in; ++i) in_sum += std::exp(cd_at(i) - in_max);
-    t.log_mass_in = log_of_scaled(in_sum, in_max);
-    t.top_in = set_token[first_equal(0, n_in, in_max, cd_vec, cd_at)];
-  }
+  const OnlineLse in = log_sum_exp_of(0, n_in, cd_vec, cd_at);
+  t.log_mass_in = in.value();
+  if (in.max != -INFINITY) t.top_in = set_token[first_equal(0, n_in, in.max, cd_vec, cd_at)];
   return t;
+}
+
+// truncate_row sums the mass outside S from exponentials relative to c_max (the candidates)
+// or to a chunk's maximum of c rescaled to c_max (the tokens below the floors), never to the
+// maximum of the tokens outside S, which can lie any distance below c_max (S may be one
+// token that holds nearly all of exp(c)). Each term, and each chunk's rescaled sum, more than
+// kExpRange below c_max may be lost: at most 2 vocab e^(c_max - kExpRange) in all. That is
+// below fp32 resolution of the row's total mass of exp(z) (exp(log_total), in the units of
+// c) unless log_total is within log(2^24) of that bound: unless the tokens outside S lie some
+// 60 nats or more below c_max and the knowledge model leaves S little mass of z. Only then
+// is the sum redone from c (log_mass_outside), once per row; the pass 1 loops are unchanged.
+inline bool mass_out_may_be_lost(float log_total, float c_max, int64_t vocab) {
+  constexpr float kFloatResolution = 17.0f;  // > log(2^24)
+  const float log_lost = c_max - kExpRange + std::log(2.0f * static_cast<float>(vocab));
+  return !(log_total >= log_lost + kFloatResolution);
+}
+
+// log sum_{j not in S} exp(c_j) = log sum_{c_j < tau} exp(c_j), each chunk summed relative to
+// its own maximum outside S and the chunks merged by OnlineLse: exact whatever the gaps.
+float log_mass_outside(const float* c, int64_t vocab, float tau, bool parallel) {
+  const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
+  auto outside_vec = [&](int64_t j) {
+    const Vec cv = Vec::loadu(c + j);
+    return select(ge(cv, Vec(tau)), Vec(-INFINITY), cv);
+  };
+  auto outside_at = [&](int64_t j) { return c[j] >= tau ? -INFINITY : c[j]; };
+  std::vector<OnlineLse> part(num_chunks);
+  for_each_chunk(num_chunks, parallel, [&](int64_t chunk) {
+    const int64_t begin = chunk * kChunk, end = std::min(vocab, begin + kChunk);
+    part[chunk] = log_sum_exp_of(begin, end, outside_vec, outside_at);
+  });
+  OnlineLse total;
+  for (const OnlineLse& p : part) total.merge(p);
+  return total.value();
 }
 
 struct RowParams {
@@ -554,7 +600,11 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
     top_out = t.top_out;
     // shift is +inf when every knowledge logit is -inf; S then has no mass (its z are -inf).
     const float log_in = t.log_mass_in == -INFINITY ? -INFINITY : t.log_mass_in + shift;
-    log_z_z = log_add_exp(log_in, t.log_mass_out) - log_z_c;
+    float log_out = t.log_mass_out;
+    if (mass_out_may_be_lost(log_add_exp(log_in, log_out), lse_c.max, vocab)) {
+      log_out = log_mass_outside(c, vocab, t.tau, parallel);
+    }
+    log_z_z = log_add_exp(log_in, log_out) - log_z_c;
     if (set_list) {
       if (log_z_z == -INFINITY) { result.status = kRowNoToken; return result; }
       return sample_set_and_rest(in, p, vocab, parallel, c, t, log_z_c, shift, log_z_z, {top_c, top_in, top_out});

@@ -48,14 +48,19 @@ inline bool any(Mask m) {
 inline Vec select(Mask m, Vec if_true, Vec if_false) { return Vec::blendv(if_false, if_true, m); }
 #endif
 
-// exp(x) for x <= 0 (the shifted arguments of sums of exponentials), 0 for x < -87 (and
-// -inf). AVX-512: x = n ln2 + r, |r| <= ln2 / 2, exp(r) = 1 + r + r^2 q(r) with q of degree 3
+// exp(x) is a normal float down to x = -87; below it exp_nonpositive gives 0 (at::vec's
+// exp_u20 from -87.34, std::exp a subnormal). So a term of a sum of exponentials shifted by
+// an origin m is lost, or kept with no precision, when it is more than kExpRange below m.
+constexpr float kExpRange = 87.0f;
+
+// exp(x) for x <= 0 (the shifted arguments of sums of exponentials), 0 for x < -kExpRange
+// (and -inf). AVX-512: x = n ln2 + r, |r| <= ln2 / 2, exp(r) = 1 + r + r^2 q(r) with q of degree 3
 // fitted for the relative error (below 2e-7 in float arithmetic, lower than the degree-6
 // Taylor polynomial's), times 2^n by vscalefps; inlined, so that the exponentials of one
 // loop interleave. Elsewhere at::vec's exp_u20.
 #if defined(CPU_CAPABILITY_AVX512)
 __attribute__((always_inline)) inline Vec exp_nonpositive(Vec x) {
-  const __m512 lowest = _mm512_set1_ps(-87.0f);
+  const __m512 lowest = _mm512_set1_ps(-kExpRange);
   const __mmask16 keep = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
   const __m512 v = _mm512_max_ps(x, lowest);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
