@@ -195,20 +195,12 @@ def _name_flag(message: str) -> str:
 
 def _check_device(device: str | None) -> None:
     """--device names a torch device, and a CUDA one that this machine has."""
-    if device is None:
-        return
-    import torch
+    from .engine.loading import parse_device
 
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {device!r} is not a valid device (cpu, cuda or cuda:N): {e}") from None
-    if parsed.type != "cuda":
-        return
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
-    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        parse_device(device)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--device: {e}") from None
 
 
 # ---------------------------------------------------------------- output
