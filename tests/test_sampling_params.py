@@ -101,4 +101,4 @@ def test_outputs():
     with pytest.raises(ValueError, match="finished=True"):
         StreamDelta("0", [3], "a", finish_reason="stop")
     with pytest.raises(ValueError, match="finish_reason must be one of"):
-        StreamDelta("0", [3], "a", finished=True, finish_reason="abort")
+        StreamDelta("0", [3], "a", finished=True, finish_reason="aborted")
