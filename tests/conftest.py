@@ -55,3 +55,11 @@ def smollm2():
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def family():
+    """The tiny fp64 EFT family of engine_helpers (knowledge, [tuned], reference), per module."""
+    from engine_helpers import tiny_family
+
+    return tiny_family()

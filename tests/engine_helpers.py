@@ -18,6 +18,39 @@ def tiny_family(dtype=torch.float64, num_tuned: int = 1, vocab: int = VOCAB):
     return knowledge, tuned, reference
 
 
+def tiny_engine(family, **kw) -> eft_fast.EFTEngine:
+    """An engine over ``tiny_family()`` models: backend "torch" and 4-token blocks unless given."""
+    knowledge, tuned, reference = family
+    kw = {"block_size": 4, "backend": "torch", **kw}
+    return eft_fast.EFTEngine(knowledge=knowledge, tuned=tuned[0] if len(tuned) == 1 else tuned,
+                              reference=reference, **kw)
+
+
+def random_requests(rng, n: int, max_tokens: int, settings=({"temperature": 0.0}, {"temperature": 1.0},
+                                                             {"temperature": 0.7})):
+    """n random token-id prompts (1-9 tokens) and SamplingParams cycling through ``settings``
+    (random seeds, ignore_eos)."""
+    lengths = torch.randint(1, 10, (n,), generator=rng).tolist()
+    prompts = [torch.randint(0, VOCAB, (m,), generator=rng).tolist() for m in lengths]
+    seeds = torch.randint(0, 2**62, (n,), generator=rng).tolist()
+    params = [eft_fast.SamplingParams(max_tokens=max_tokens, seed=s, ignore_eos=True, **settings[i % len(settings)])
+              for i, s in enumerate(seeds)]
+    return prompts, params
+
+
+class RaiseOnCall:
+    """Wraps ``fn``; call number ``n`` (1-based; None = every call) raises ``exc`` instead."""
+
+    def __init__(self, fn, n: int | None, exc: BaseException):
+        self.fn, self.n, self.exc, self.calls = fn, n, exc, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.n is None or self.calls == self.n:
+            raise self.exc
+        return self.fn(*args, **kwargs)
+
+
 def reference_generate(knowledge, tuned: list, reference, prompt: list[int], params: eft_fast.SamplingParams,
                        vocab_size: int = VOCAB) -> list[int]:
     """The naive loop (HF caches, one sequence) combined with the fp64 reference op."""

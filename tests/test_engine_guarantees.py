@@ -10,31 +10,11 @@ import pytest
 import torch
 
 from eft_fast import EFTEngine, SamplingParams
-from engine_helpers import VOCAB, tiny_family
+from engine_helpers import random_requests, tiny_engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def family():
-    return tiny_family()
-
-
-def _engine(family, **kw):
-    knowledge, tuned, reference = family
-    kw.setdefault("block_size", 4)
-    return EFTEngine(knowledge=knowledge, tuned=tuned[0], reference=reference, backend="torch", **kw)
-
-
-def _requests(rng, n, max_tokens):
-    lengths = torch.randint(1, 10, (n,), generator=rng).tolist()
-    prompts = [torch.randint(0, VOCAB, (m,), generator=rng).tolist() for m in lengths]
-    seeds = torch.randint(0, 2**62, (n,), generator=rng).tolist()
-    mixed = [dict(temperature=1.0), dict(temperature=0.8, weight_top_p=0.9), dict(temperature=0.0),
-             dict(temperature=1.0, top_k=10, top_p=0.9)]
-    params = [SamplingParams(max_tokens=max_tokens, seed=s, ignore_eos=True, **mixed[i % len(mixed)])
-              for i, s in enumerate(seeds)]
-    return prompts, params
+MIXED = ({"temperature": 1.0}, {"temperature": 0.8, "weight_top_p": 0.9}, {"temperature": 0.0},
+         {"temperature": 1.0, "top_k": 10, "top_p": 0.9})
 
 
 def _unchecked(params: SamplingParams, **values) -> SamplingParams:
@@ -59,9 +39,9 @@ def test_params_the_kernel_would_reject_are_refused_when_added(family, kwargs):
                                  dict(reward_weights=(float("inf"),))])
 @pytest.mark.parametrize("from_step", [0, 1])     # 0: the prefill samples it; 1: decode rounds do
 def test_a_row_the_op_rejects_fails_only_its_request(family, rng, speculative_k, accept, bad, from_step):
-    prompts, params = _requests(rng, 3, max_tokens=6)
-    clean = _engine(family, speculative_k=speculative_k, accept=accept).generate(prompts, params)
-    engine = _engine(family, speculative_k=speculative_k, accept=accept)
+    prompts, params = random_requests(rng, 3, 6, MIXED)
+    clean = tiny_engine(family, speculative_k=speculative_k, accept=accept).generate(prompts, params)
+    engine = tiny_engine(family, speculative_k=speculative_k, accept=accept)
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     for _ in range(from_step):
         engine.step()
@@ -82,7 +62,7 @@ def test_a_row_the_op_rejects_fails_only_its_request(family, rng, speculative_k,
 @pytest.mark.parametrize("accept", ["exact", "rejection"])
 def test_speculation_never_changes_the_outcome_on_a_tight_pool(family, accept):
     prompt, params = [[5, 6, 7, 8]], SamplingParams(max_tokens=20, seed=7, ignore_eos=True, temperature=0.0)
-    outs = {k: _engine(family, num_blocks=6, speculative_k=k, accept=accept).generate(prompt, params)[0]
+    outs = {k: tiny_engine(family, num_blocks=6, speculative_k=k, accept=accept).generate(prompt, params)[0]
             for k in (0, 1, 2, 5)}
     for k, out in outs.items():
         assert out.finish_reason == "length" and out.error is None, (k, out.error)
@@ -90,10 +70,10 @@ def test_speculation_never_changes_the_outcome_on_a_tight_pool(family, accept):
 
 
 def test_exact_speculation_with_preemption_on_a_tight_pool(family, rng):
-    prompts, params = _requests(rng, 6, max_tokens=14)
-    plain = _engine(family, num_blocks=12).generate(prompts, params)
+    prompts, params = random_requests(rng, 6, 14, MIXED)
+    plain = tiny_engine(family, num_blocks=12).generate(prompts, params)
     for k in (2, 5):
-        engine = _engine(family, num_blocks=12, speculative_k=k)
+        engine = tiny_engine(family, num_blocks=12, speculative_k=k)
         outs = engine.generate(prompts, params)
         assert [o.token_ids for o in outs] == [o.token_ids for o in plain], k
         assert [o.finish_reason for o in outs] == [o.finish_reason for o in plain], k
@@ -102,11 +82,11 @@ def test_exact_speculation_with_preemption_on_a_tight_pool(family, rng):
 # ---- rejection-mode speculation is batch-invariant ----------------------------------------
 
 def test_rejection_speculation_is_batch_invariant(family, rng):
-    prompts, params = _requests(rng, 24, max_tokens=12)
+    prompts, params = random_requests(rng, 24, 12, MIXED)
     params = [dataclasses.replace(p, max_tokens=4 + i % 9) for i, p in enumerate(params)]   # budgets differ
-    alone = [o.token_ids for o in _engine(family, speculative_k=3, accept="rejection", max_num_seqs=1)
+    alone = [o.token_ids for o in tiny_engine(family, speculative_k=3, accept="rejection", max_num_seqs=1)
              .generate(prompts, params)]
-    together = [o.token_ids for o in _engine(family, speculative_k=3, accept="rejection", max_num_seqs=64)
+    together = [o.token_ids for o in tiny_engine(family, speculative_k=3, accept="rejection", max_num_seqs=64)
                 .generate(prompts, params)]
     assert together == alone
 
@@ -114,7 +94,7 @@ def test_rejection_speculation_is_batch_invariant(family, rng):
 # ---- 9: prompt types ---------------------------------------------------------------------
 
 def test_prompt_types(family):
-    engine = _engine(family)
+    engine = tiny_engine(family)
     params = SamplingParams(max_tokens=2, seed=1)
     ids = [3, 4, 5]
     expected = engine.generate([ids], params)[0].token_ids

@@ -6,31 +6,12 @@ from __future__ import annotations
 import gc
 
 import pytest
-import torch
 
-from eft_fast import EFTEngine, SamplingParams
-from engine_helpers import VOCAB, tiny_family
+from eft_fast import SamplingParams
+from engine_helpers import VOCAB, RaiseOnCall, random_requests, tiny_engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def family():
-    return tiny_family()
-
-
-def _engine(family, **kw):
-    knowledge, tuned, reference = family
-    return EFTEngine(knowledge=knowledge, tuned=tuned[0], reference=reference, block_size=4, backend="torch", **kw)
-
-
-def _requests(rng, n, max_tokens=6):
-    lengths = torch.randint(1, 8, (n,), generator=rng).tolist()
-    prompts = [torch.randint(0, VOCAB, (m,), generator=rng).tolist() for m in lengths]
-    seeds = torch.randint(0, 2**62, (n,), generator=rng).tolist()
-    params = [SamplingParams(max_tokens=max_tokens, seed=s, ignore_eos=True, temperature=(0.0, 1.0)[i % 2])
-              for i, s in enumerate(seeds)]
-    return prompts, params
+SETTINGS = ({"temperature": 0.0}, {"temperature": 1.0})
 
 
 def assert_nothing_held(engine):
@@ -42,22 +23,9 @@ def assert_nothing_held(engine):
         assert runner.blocks.num_free_blocks == runner.blocks.num_blocks, runner.role
 
 
-class RaiseOnCall:
-    """Wraps ``fn``; call number ``n`` (1-based) raises ``exc`` instead."""
-
-    def __init__(self, fn, n: int, exc: BaseException):
-        self.fn, self.n, self.exc, self.calls = fn, n, exc, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.n:
-            raise self.exc
-        return self.fn(*args, **kwargs)
-
-
 def test_stats_report_what_is_held(family, rng):
-    prompts, params = _requests(rng, 3)
-    engine = _engine(family)
+    prompts, params = random_requests(rng, 3, 6, SETTINGS)
+    engine = tiny_engine(family)
     stats = engine.stats()
     assert set(stats["kv_blocks_used"]) == {"knowledge", "tuned", "reference"}
     assert_nothing_held(engine)
@@ -77,10 +45,10 @@ def test_stats_report_what_is_held(family, rng):
 
 @pytest.mark.parametrize("speculative_k", [0, 2])
 def test_closing_a_stream_aborts_its_requests(family, rng, speculative_k):
-    prompts, params = _requests(rng, 4, max_tokens=12)
-    later, later_params = _requests(rng, 2)
-    clean = _engine(family).generate(later, later_params)
-    engine = _engine(family, speculative_k=speculative_k)
+    prompts, params = random_requests(rng, 4, 12, SETTINGS)
+    later, later_params = random_requests(rng, 2, 6, SETTINGS)
+    clean = tiny_engine(family).generate(later, later_params)
+    engine = tiny_engine(family, speculative_k=speculative_k)
     stream = engine.stream(prompts, params)
     for delta in stream:
         if delta.token_ids:
@@ -99,8 +67,8 @@ def test_closing_a_stream_aborts_its_requests(family, rng, speculative_k):
 
 
 def test_a_garbage_collected_stream_aborts_its_requests(family, rng):
-    prompts, params = _requests(rng, 3, max_tokens=12)
-    engine = _engine(family)
+    prompts, params = random_requests(rng, 3, 12, SETTINGS)
+    engine = tiny_engine(family)
     stream = engine.stream(prompts, params)
     next(stream)
     del stream
@@ -109,8 +77,8 @@ def test_a_garbage_collected_stream_aborts_its_requests(family, rng):
 
 
 def test_an_exception_in_the_consumer_aborts_the_stream(family, rng):
-    prompts, params = _requests(rng, 3, max_tokens=12)
-    engine = _engine(family)
+    prompts, params = random_requests(rng, 3, 12, SETTINGS)
+    engine = tiny_engine(family)
     with pytest.raises(RuntimeError, match="consumer"):
         for _ in engine.stream(prompts, params):
             raise RuntimeError("consumer failed")
@@ -118,8 +86,8 @@ def test_an_exception_in_the_consumer_aborts_the_stream(family, rng):
 
 
 def test_streamed_requests_are_released(family, rng):
-    prompts, params = _requests(rng, 40, max_tokens=2)
-    engine = _engine(family)
+    prompts, params = random_requests(rng, 40, 2, SETTINGS)
+    engine = tiny_engine(family)
     finished = 0
     for delta in engine.stream(prompts, params):
         finished += delta.finished
@@ -128,9 +96,9 @@ def test_streamed_requests_are_released(family, rng):
 
 
 def test_streams_interleaved_each_get_their_own_deltas(family, rng):
-    prompts, params = _requests(rng, 4, max_tokens=5)
-    clean = _engine(family).generate(prompts, params)
-    engine = _engine(family)
+    prompts, params = random_requests(rng, 4, 5, SETTINGS)
+    clean = tiny_engine(family).generate(prompts, params)
+    engine = tiny_engine(family)
     a, b = engine.stream(prompts[:2], params[:2]), engine.stream(prompts[2:], params[2:])
     tokens: dict[int, list[int]] = {}
     reasons = {}
@@ -149,15 +117,15 @@ def test_streams_interleaved_each_get_their_own_deltas(family, rng):
 
 
 def test_a_bad_prompt_adds_none_of_the_call(family):
-    engine = _engine(family)
+    engine = tiny_engine(family)
     with pytest.raises(ValueError, match=r"prompts\[2\]"):
         engine.generate([[1, 2], [3], [VOCAB + 5]], SamplingParams(max_tokens=2))
     assert_nothing_held(engine)
 
 
 def test_abort(family, rng):
-    prompts, params = _requests(rng, 3, max_tokens=10)
-    engine = _engine(family)
+    prompts, params = random_requests(rng, 3, 10, SETTINGS)
+    engine = tiny_engine(family)
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     engine.step()
     engine.step()
@@ -180,10 +148,10 @@ def test_abort(family, rng):
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
 def test_interrupt_inside_generate_leaves_the_engine_consistent(family, rng, monkeypatch, role, call,
                                                                  speculative_k, exc):
-    prompts, params = _requests(rng, 2, max_tokens=8)
+    prompts, params = random_requests(rng, 2, 8, SETTINGS)
     after = ([[9, 9]], SamplingParams(max_tokens=6, seed=3, ignore_eos=True))
-    clean = _engine(family).generate(*after)[0].token_ids
-    engine = _engine(family, speculative_k=speculative_k)
+    clean = tiny_engine(family).generate(*after)[0].token_ids
+    engine = tiny_engine(family, speculative_k=speculative_k)
     model = engine.runners[engine.models.names.index(role)].model
     monkeypatch.setattr(model, "forward", RaiseOnCall(model.forward, call, exc()))
     with pytest.raises(exc):
@@ -198,9 +166,9 @@ def test_interrupt_inside_generate_leaves_the_engine_consistent(family, rng, mon
 def test_interrupt_inside_manual_steps_ends_only_the_step(family, rng, monkeypatch):
     """Driven by hand (add_request / step), an interrupted step ends its own requests with
     finish_reason "abort"; a request still waiting goes on."""
-    prompts, params = _requests(rng, 3, max_tokens=6)
-    clean = _engine(family).generate(prompts[2:], params[2:])[0].token_ids
-    engine = _engine(family, max_num_seqs=2)
+    prompts, params = random_requests(rng, 3, 6, SETTINGS)
+    clean = tiny_engine(family).generate(prompts[2:], params[2:])[0].token_ids
+    engine = tiny_engine(family, max_num_seqs=2)
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     model = engine.runners[0].model
     monkeypatch.setattr(model, "forward", RaiseOnCall(model.forward, 2, KeyboardInterrupt()))
@@ -218,8 +186,8 @@ def test_interrupt_inside_manual_steps_ends_only_the_step(family, rng, monkeypat
 
 
 def test_interrupt_inside_the_scheduler(family, rng, monkeypatch):
-    prompts, params = _requests(rng, 4, max_tokens=6)
-    engine = _engine(family, max_num_seqs=2)
+    prompts, params = random_requests(rng, 4, 6, SETTINGS)
+    engine = tiny_engine(family, max_num_seqs=2)
     # _reserve calls: 1, 2 admit two requests; 3 is the first decode round's
     monkeypatch.setattr(engine.scheduler, "_reserve", RaiseOnCall(engine.scheduler._reserve, 3, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
@@ -231,8 +199,8 @@ def test_interrupt_inside_the_scheduler(family, rng, monkeypatch):
 
 
 def test_a_stream_dropped_before_its_first_item_aborts_its_requests(family, rng):
-    prompts, params = _requests(rng, 3)
-    engine = _engine(family)
+    prompts, params = random_requests(rng, 3, 6, SETTINGS)
+    engine = tiny_engine(family)
     stream = engine.stream(prompts, params)
     assert engine.stats()["num_requests_waiting"] == 3      # queued at the call
     del stream
@@ -241,7 +209,7 @@ def test_a_stream_dropped_before_its_first_item_aborts_its_requests(family, rng)
 
 
 def test_a_bad_prompt_fails_the_stream_call_itself(family):
-    engine = _engine(family)
+    engine = tiny_engine(family)
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         engine.stream([[1, 2], [VOCAB + 1]], SamplingParams(max_tokens=2))
     assert_nothing_held(engine)

@@ -8,43 +8,9 @@ import logging
 import pytest
 import torch
 
-from eft_fast import EFTEngine, SamplingParams
-from engine_helpers import VOCAB, tiny_family
+from engine_helpers import RaiseOnCall, random_requests, tiny_engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def family():
-    return tiny_family()
-
-
-def _engine(family, **kw):
-    knowledge, tuned, reference = family
-    return EFTEngine(knowledge=knowledge, tuned=tuned[0], reference=reference, block_size=4, backend="torch", **kw)
-
-
-def _requests(rng, n, max_tokens=8):
-    lengths = torch.randint(1, 10, (n,), generator=rng).tolist()
-    prompts = [torch.randint(0, VOCAB, (m,), generator=rng).tolist() for m in lengths]
-    seeds = torch.randint(0, 2**62, (n,), generator=rng).tolist()
-    temperatures = [0.0, 1.0, 0.7]
-    params = [SamplingParams(max_tokens=max_tokens, seed=s, ignore_eos=True, temperature=temperatures[i % 3])
-              for i, s in enumerate(seeds)]
-    return prompts, params
-
-
-class RaiseOnCall:
-    """Wraps ``fn``; call number ``n`` (1-based; None = every call) raises ``exc`` instead."""
-
-    def __init__(self, fn, n: int | None, exc: Exception):
-        self.fn, self.n, self.exc, self.calls = fn, n, exc, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.n is None or self.calls == self.n:
-            raise self.exc
-        return self.fn(*args, **kwargs)
 
 
 def _break(monkeypatch, engine, role: str, n: int | None, exc: Exception | None = None) -> RaiseOnCall:
@@ -89,9 +55,9 @@ def _check(outs, clean, failed: set[int], error: str, same_tokens=lambda i: True
 @pytest.mark.parametrize("call, exc", [(1, RuntimeError("boom")), (3, RuntimeError("boom")),
                                        (3, torch.OutOfMemoryError("CUDA out of memory"))])
 def test_failed_step_ends_its_requests_and_waiting_ones_run(family, rng, monkeypatch, caplog, call, exc):
-    prompts, params = _requests(rng, 5)
-    clean = _engine(family, max_num_seqs=2).generate(prompts, params)
-    engine = _engine(family, max_num_seqs=2)
+    prompts, params = random_requests(rng, 5, 8)
+    clean = tiny_engine(family, max_num_seqs=2).generate(prompts, params)
+    engine = tiny_engine(family, max_num_seqs=2)
     hook = _break(monkeypatch, engine, "knowledge", call, exc)
     with caplog.at_level(logging.ERROR, logger="eft_fast.engine.engine"):
         outs = _generate(engine, prompts, params)
@@ -109,9 +75,9 @@ def test_failed_step_ends_its_requests_and_waiting_ones_run(family, rng, monkeyp
 
 
 def test_running_requests_outside_the_failed_step_go_on(family, rng, monkeypatch):
-    (a, b), (pa, pb) = _requests(rng, 2, max_tokens=10)
-    clean_a = _engine(family).generate([a], pa)[0].token_ids
-    engine = _engine(family)
+    (a, b), (pa, pb) = random_requests(rng, 2, 10)
+    clean_a = tiny_engine(family).generate([a], pa)[0].token_ids
+    engine = tiny_engine(family)
     ia = engine.add_request(a, pa)
     engine.step()
     engine.step()                                  # a is running, two tokens in
@@ -131,8 +97,8 @@ def test_running_requests_outside_the_failed_step_go_on(family, rng, monkeypatch
 
 
 def test_a_model_that_always_raises_still_lets_generate_return(family, rng, monkeypatch):
-    prompts, params = _requests(rng, 4)
-    engine = _engine(family, max_num_seqs=2)
+    prompts, params = random_requests(rng, 4, 8)
+    engine = tiny_engine(family, max_num_seqs=2)
     _break(monkeypatch, engine, "reference", None)
     outs = _generate(engine, prompts, params)
     assert all(o.finish_reason == "error" and "RuntimeError: boom" in o.error for o in outs)
@@ -144,9 +110,9 @@ def test_a_model_that_always_raises_still_lets_generate_return(family, rng, monk
 # _reserve calls with two requests in flight: 1, 2 admit them (the first, then the second), 3 the decode round
 @pytest.mark.parametrize("call, failed", [(1, {0}), (2, {0}), (3, {0, 1})])
 def test_scheduler_failure_ends_the_running_requests_or_the_head(family, rng, monkeypatch, call, failed):
-    prompts, params = _requests(rng, 4)
-    clean = _engine(family, max_num_seqs=2).generate(prompts, params)
-    engine = _engine(family, max_num_seqs=2)
+    prompts, params = random_requests(rng, 4, 8)
+    clean = tiny_engine(family, max_num_seqs=2).generate(prompts, params)
+    engine = tiny_engine(family, max_num_seqs=2)
     monkeypatch.setattr(engine.scheduler, "_reserve",
                         RaiseOnCall(engine.scheduler._reserve, call, AssertionError("can_hold and ensure disagree")))
     outs = _generate(engine, prompts, params)
@@ -159,9 +125,9 @@ def test_scheduler_failure_ends_the_running_requests_or_the_head(family, rng, mo
 @pytest.mark.parametrize("accept", ["exact", "rejection"])
 @pytest.mark.parametrize("role, call", [("knowledge", 2), ("tuned", 3)])
 def test_failed_speculative_round(family, rng, monkeypatch, accept, role, call):
-    prompts, params = _requests(rng, 4, max_tokens=10)
-    clean = _engine(family, max_num_seqs=2, speculative_k=3, accept=accept).generate(prompts, params)
-    engine = _engine(family, max_num_seqs=2, speculative_k=3, accept=accept)
+    prompts, params = random_requests(rng, 4, 10)
+    clean = tiny_engine(family, max_num_seqs=2, speculative_k=3, accept=accept).generate(prompts, params)
+    engine = tiny_engine(family, max_num_seqs=2, speculative_k=3, accept=accept)
     _break(monkeypatch, engine, role, call)
     outs = _generate(engine, prompts, params)
     # With the failed requests gone the survivors run in other batches than in the clean run;

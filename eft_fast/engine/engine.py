@@ -26,7 +26,7 @@ from .loading import parse_device
 from .model_runner import ModelRunner, SequenceStep
 from .models import EngineModels
 from .outputs import RequestMetrics, RequestOutput, StreamDelta
-from .request import Request, RequestStatus
+from .request import Request
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
