@@ -56,6 +56,7 @@ class PagedAttentionMetadata:
     max_query_len: host int >= every sequence's number of new tokens (a launch constant).
     torch_path: gather indices for the CPU path (None on GPU, where the Triton kernel reads
         the block tables directly).
+    max_kv_len: host int bound on every context length the torch path was built for, or None.
     """
 
     kv_cache: PagedKVCache
@@ -65,6 +66,7 @@ class PagedAttentionMetadata:
     query_start_loc: torch.Tensor
     max_query_len: int
     torch_path: TorchPathIndices | None = None
+    max_kv_len: int | None = None
 
 
 def build_torch_path_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,

@@ -26,6 +26,8 @@ class EngineConfig:
     max_model_len: context cap for every model (default: each model's own limit).
     use_cuda_graph: capture decode/verify steps (default: on for CUDA models).
     backend: the eft_sample backend ("auto", "cpu", "cuda", "triton", "torch").
+    tensor_parallel_size: ranks the knowledge model is sharded over (1 = not sharded).
+    distributed_timeout_s: the timeout of every collective of a tensor-parallel group.
     """
 
     speculative_k: int = 0
@@ -38,6 +40,8 @@ class EngineConfig:
     max_model_len: int | None = None
     use_cuda_graph: bool | None = None
     backend: str = "auto"
+    tensor_parallel_size: int = 1
+    distributed_timeout_s: float = 300.0
 
     def __post_init__(self):
         _positive_int("speculative_k", self.speculative_k, allow_zero=True)
@@ -51,6 +55,10 @@ class EngineConfig:
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         if self.use_cuda_graph is not None and not isinstance(self.use_cuda_graph, bool):
             raise TypeError(f"use_cuda_graph must be a bool or None, got {self.use_cuda_graph!r}")
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        if isinstance(self.distributed_timeout_s, bool) or not isinstance(self.distributed_timeout_s, (int, float)) \
+                or not self.distributed_timeout_s > 0:
+            raise ValueError(f"distributed_timeout_s must be a positive number, got {self.distributed_timeout_s!r}")
         from ..ops import BACKENDS
 
         if self.backend not in BACKENDS:

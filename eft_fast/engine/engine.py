@@ -11,6 +11,7 @@ tuned models are reward interpolation; a single model given alone is sampled by 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 import weakref
@@ -23,6 +24,8 @@ from .config import EngineConfig
 from ..ops import resolve_backend
 from .decoding import Decoder
 from .loading import parse_device
+from .parallel import TensorParallelGroup, TensorParallelRunner, check_tensor_parallel
+from .parallel.group import ShardSpec, TensorParallelError
 from .model_runner import ModelRunner, SequenceStep
 from .models import EngineModels
 from .outputs import RequestMetrics, RequestOutput, StreamDelta
@@ -33,6 +36,10 @@ from .scheduler import ScheduledStep, Scheduler
 from .tokenization import IncrementalDetokenizer, check_prompt, encode_prompt, find_stop
 
 logger = logging.getLogger(__name__)
+
+
+def _listed(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class EFTEngine:
@@ -57,30 +64,74 @@ class EFTEngine:
                  prompt_format=None, speculative_k: int = 0, accept: str = "exact", block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, max_model_len: int | None = None,
-                 use_cuda_graph: bool | None = None, backend: str = "auto"):
+                 use_cuda_graph: bool | None = None, backend: str = "auto", tensor_parallel_size: int = 1,
+                 distributed_timeout_s: float = 300.0):
         self.config = EngineConfig(speculative_k=speculative_k, accept=accept, block_size=block_size,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    num_blocks=num_blocks, kv_cache_bytes=kv_cache_bytes,
-                                   max_model_len=max_model_len, use_cuda_graph=use_cuda_graph, backend=backend)
-        if device is not None:       # a backend that cannot run there fails before any model loads
-            resolve_backend(backend, parse_device(device))
+                                   max_model_len=max_model_len, use_cuda_graph=use_cuda_graph, backend=backend,
+                                   tensor_parallel_size=tensor_parallel_size,
+                                   distributed_timeout_s=distributed_timeout_s)
+        parsed_device = parse_device(device)
+        if parsed_device is not None:     # a backend that cannot run there fails before any model loads
+            resolve_backend(backend, parsed_device)
+        self._tp_group = None
+        knowledge_kwargs = {}
+        if tensor_parallel_size > 1:
+            check_tensor_parallel(tensor_parallel_size, knowledge, device=parsed_device,
+                                  other_specs=_listed(tuned) + _listed(reference))
+            self._tp_group = TensorParallelGroup.start(self._shard_spec(knowledge, dtype, parsed_device),
+                                                       tensor_parallel_size)
+            weakref.finalize(self, self._tp_group.close)   # interpreter exit, or the engine dropped
+            knowledge_kwargs = self._tp_group.load_kwargs()
+        try:
+            self._build(knowledge, tuned, reference, tokenizer, dtype, device, prompt_format, knowledge_kwargs)
+        except BaseException:
+            self.close()
+            raise
+
+    def _shard_spec(self, knowledge, dtype, device) -> ShardSpec:
+        c = self.config
+        return ShardSpec(knowledge=os.fspath(knowledge), dtype=dtype,
+                         device_type="cuda" if device is not None and device.type == "cuda" else "cpu",
+                         block_size=c.block_size, num_blocks=c.num_blocks, kv_cache_bytes=c.kv_cache_bytes,
+                         max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
+                         num_threads=torch.get_num_threads(), timeout_s=c.distributed_timeout_s)
+
+    def _build(self, knowledge, tuned, reference, tokenizer, dtype, device, prompt_format, knowledge_kwargs) -> None:
+        c = self.config
         self.models = EngineModels.load(knowledge, tuned, reference, tokenizer=tokenizer, dtype=dtype, device=device,
-                                        prompt_format=prompt_format)
+                                        prompt_format=prompt_format, knowledge_kwargs=knowledge_kwargs)
         model_device = next(self.models.models[0].parameters()).device
         try:
-            resolve_backend(backend, model_device)
+            resolve_backend(c.backend, model_device)
         except ValueError as e:
-            raise ValueError(f"backend={backend!r} cannot sample the models' logits on {model_device}: {e}") from None
+            raise ValueError(f"backend={c.backend!r} cannot sample the models' logits on {model_device}: {e}") from None
         self.roles = self.models.roles
-        self.runners = [ModelRunner(model, block_size=block_size, num_blocks=num_blocks,
-                                    kv_cache_bytes=kv_cache_bytes, max_model_len=max_model_len,
-                                    max_num_seqs=max_num_seqs, role=name)
-                        for model, name in zip(self.models.models, self.models.names)]
+        self.runners = []
+        for m, (model, name) in enumerate(zip(self.models.models, self.models.names)):
+            kw = dict(block_size=c.block_size, num_blocks=c.num_blocks, kv_cache_bytes=c.kv_cache_bytes,
+                      max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs, role=name)
+            sharded = self._tp_group is not None and m == self.roles.knowledge
+            self.runners.append(TensorParallelRunner(model, self._tp_group, **kw) if sharded else ModelRunner(model, **kw))
         self.scheduler = Scheduler(self.runners, self.config)
         self.decoder = Decoder(self.runners, self.roles, self.config, self.models.vocab_size)
         self._next_id = 0
         self._requests: dict[int, Request] = {}   # every request whose output was not taken yet
         self._ended: list[Request] = []           # finished outside a step's batch, not reported yet
+
+    # ---- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (if any) and leave their process group. Safe to
+        call twice; the engine cannot step afterwards."""
+        if self._tp_group is not None:
+            self._tp_group.close()
+
+    def __enter__(self) -> "EFTEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- requests --------------------------------------------------------------------------
     @property
@@ -192,6 +243,11 @@ class EFTEngine:
                         self._fail(request, error)
                     else:
                         self._append(request, tokens, logprobs)
+        except TensorParallelError as exc:   # the group is gone: no later step can run
+            self._abort_step(scheduled, exc)
+            self._ended = touched + self._ended
+            self.close()
+            raise
         except Exception as exc:
             self._abort_step(scheduled, exc)
         except BaseException as exc:

@@ -15,12 +15,18 @@ class KVShape:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config) -> "KVShape":
+    def from_config(cls, config, tp_size: int | None = None) -> "KVShape":
+        """The shape of one rank's pool: a model sharded over ``tp_size`` ranks (default: its
+        ``config.distributed_config.tp_size``, else 1) holds its share of the KV heads."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(text.num_hidden_layers, kv_heads, head_dim)
+        if tp_size is None:
+            tp_size = getattr(getattr(config, "distributed_config", None), "tp_size", None) or 1
+        if kv_heads % tp_size:
+            raise ValueError(f"{kv_heads} KV heads cannot be split over tensor_parallel_size={tp_size} ranks")
+        return cls(text.num_hidden_layers, kv_heads // tp_size, head_dim)
 
     def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()

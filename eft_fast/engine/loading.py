@@ -160,6 +160,14 @@ def _not_causal(role: str, what: str) -> ValueError:
                       f"(an ...ForCausalLM model)")
 
 
+def load_config(spec, *, role: str):
+    """The config of a model named by a path, hub id or ``.gguf`` file, without its weights."""
+    role = _check_role(role)
+    name, gguf_name, is_local = _resolve(spec, role, None)
+    kwargs = {"gguf_file": gguf_name} if gguf_name is not None else {}
+    return _from_pretrained(AutoConfig, name, role=role, spec=spec, is_local=is_local, what="config", **kwargs)
+
+
 def load_model(spec, *, role: str, dtype=None, device=None, gguf_file: str | None = None,
                **from_pretrained_kwargs: Any) -> PreTrainedModel:
     """Load one causal LM for the engine, in eval mode.

@@ -11,6 +11,7 @@ positions n and beyond.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -95,11 +96,14 @@ class ModelRunner:
         attention_backend: "torch" (gathers, SDPA), "triton" (the paged kernel; under
             TRITON_INTERPRET=1 also on CPU), or "auto": triton on CUDA, torch elsewhere.
         role: name used in error messages ("knowledge", "tuned", ...).
+        agree_num_blocks: for a model sharded over ranks: maps this rank's pool size to the
+            one every rank uses (the minimum), so block tables mean the same everywhere.
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
-                 attention_backend: str = "auto", role: str = "model"):
+                 attention_backend: str = "auto", role: str = "model",
+                 agree_num_blocks: Callable[[int], int] | None = None):
         check_model_supported(model, role)
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
@@ -129,6 +133,8 @@ class ModelRunner:
                              max_num_seqs * self.max_blocks_per_seq)
             if num_blocks < 1:
                 raise ValueError(f"{role}: kv_cache_bytes={budget} holds no {block_size}-token KV block")
+        if agree_num_blocks is not None:
+            num_blocks = agree_num_blocks(num_blocks)
         self.blocks = BlockManager(num_blocks, block_size)
         self.kv_cache = PagedKVCache(shape, num_blocks, block_size, self.dtype, self.device)
 
@@ -174,7 +180,7 @@ class ModelRunner:
             torch_path = build_torch_path_indices(block_tables, seq_lens, query_start_loc, num_tokens, max_query_len,
                                                   max_kv_len, self.block_size, self.kv_cache.dummy_slot)
         return PagedAttentionMetadata(self.kv_cache, write_slots, block_tables, seq_lens, query_start_loc,
-                                      max_query_len, torch_path)
+                                      max_query_len, torch_path, max_kv_len)
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: PagedAttentionMetadata,
                   logits_to_keep: torch.Tensor | int = 0) -> torch.Tensor:
@@ -204,7 +210,6 @@ class ModelRunner:
         lay = self.layout(steps)
         dev = self.device
         i32 = dict(dtype=torch.int32, device=dev)
-        width = self.max_blocks_per_seq
         tables = torch.tensor(self.padded_tables(lay.block_tables, len(steps)), **i32)
         qsl = lay.query_start_loc
         meta = self.metadata(torch.tensor(lay.slots, dtype=torch.int64, device=dev), tables,

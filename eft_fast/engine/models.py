@@ -72,9 +72,14 @@ class EngineModels:
 
     @classmethod
     def load(cls, knowledge, tuned, reference, *, tokenizer=None, dtype=None, device=None,
-             prompt_format=None) -> "EngineModels":
+             prompt_format=None, knowledge_kwargs: dict | None = None) -> "EngineModels":
+        """Load every model; ``knowledge_kwargs`` go to the knowledge model's ``from_pretrained``
+        (a tensor-parallel plan, which also decides its device)."""
         specs, names, roles = _assign_roles(knowledge, tuned, reference)
-        models = [load_model(spec, role=name, dtype=dtype, device=device) for spec, name in zip(specs, names)]
+        models = []
+        for m, (spec, name) in enumerate(zip(specs, names)):
+            extra = (knowledge_kwargs or {}) if m == roles.knowledge else {}
+            models.append(load_model(spec, role=name, dtype=dtype, device=None if extra else device, **extra))
         devices = {next(m.parameters()).device for m in models}
         if len(devices) > 1:
             raise ValueError(f"the models are on different devices ({sorted(map(str, devices))}); pass device=...")

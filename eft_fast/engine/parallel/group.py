@@ -1,0 +1,151 @@
+"""Start and stop the ranks of a tensor-parallel knowledge model (self-spawned mode).
+
+Rank 0 is this process (the driver). ``TensorParallelGroup.start`` spawns ranks 1..N-1 as
+worker processes (the "spawn" start method, as vLLM does: a script that builds an engine
+needs the ``if __name__ == "__main__":`` guard), and joins them in one process group on
+127.0.0.1: gloo for CPU models, NCCL with ``cuda:rank`` for CUDA ones. Every collective has
+the group's timeout. ``close()`` stops the workers (a stop message, then terminate if they do
+not exit) and destroys the group; a worker also exits on its own when the driver's connection
+closes, so none survives the driver.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .protocol import broadcast_stop
+
+_JOIN_TIMEOUT_S = 10.0
+
+
+class TensorParallelError(RuntimeError):
+    """The tensor-parallel group failed (a worker died or a collective timed out); the engine
+    cannot go on and its workers are stopped."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What every rank needs to load its shard and build its KV pool (picklable)."""
+
+    knowledge: str
+    dtype: object
+    device_type: str               # "cpu" or "cuda"
+    block_size: int
+    num_blocks: int | None
+    kv_cache_bytes: int | None
+    max_model_len: int | None
+    max_num_seqs: int
+    num_threads: int
+    timeout_s: float
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(device_type: str, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+
+
+def init_rank(rank: int, world_size: int, port: int, spec: ShardSpec) -> None:
+    """Join the group as ``rank`` (every rank, the driver included, calls this)."""
+    if spec.device_type == "cuda":
+        torch.cuda.set_device(rank)
+    backend = "nccl" if spec.device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=spec.timeout_s))
+
+
+def agree_min(value: int, device: torch.device) -> int:
+    """The smallest ``value`` over every rank (the KV pool size all ranks use)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+class TensorParallelGroup:
+    """The driver's handle on the group: its workers, its device, and how to stop them."""
+
+    def __init__(self, spec: ShardSpec, world_size: int, workers: list):
+        self.spec = spec
+        self.world_size = world_size
+        self.workers = workers
+        self.device = rank_device(spec.device_type, 0)
+        self.broken: BaseException | None = None
+        self.closed = False
+
+    @classmethod
+    def start(cls, spec: ShardSpec, world_size: int) -> "TensorParallelGroup":
+        if dist.is_initialized():
+            raise ValueError("tensor_parallel_size > 1 starts its own process group, but this process is already "
+                             "in one; close the other engine (or destroy the group) first")
+        from .worker import run_worker
+
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        workers = [ctx.Process(target=run_worker, args=(rank, world_size, port, spec), daemon=True,
+                               name=f"eft_fast-tp-worker-{rank}") for rank in range(1, world_size)]
+        for w in workers:
+            w.start()
+        group = cls(spec, world_size, workers)
+        try:
+            init_rank(0, world_size, port, spec)
+        except BaseException:
+            group.close()
+            raise
+        return group
+
+    def load_kwargs(self) -> dict:
+        """from_pretrained arguments that load this rank's shard of the knowledge model."""
+        from transformers import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_size=self.world_size)}
+
+    def agree_num_blocks(self, num_blocks: int) -> int:
+        return agree_min(num_blocks, self.device)
+
+    def check(self) -> None:
+        """Raise TensorParallelError if the group can no longer run a step."""
+        if self.closed:
+            raise TensorParallelError("the engine is closed: its tensor-parallel workers are stopped")
+        if self.broken is not None:
+            raise TensorParallelError(f"the tensor-parallel group failed earlier: {self.broken}")
+        dead = [(w.name, w.exitcode) for w in self.workers if not w.is_alive()]
+        if dead:
+            self.broken = TensorParallelError(f"worker(s) exited: {dead}")
+            raise self.broken
+
+    def fail(self, exc: BaseException) -> TensorParallelError:
+        """Record that a collective failed; the error to raise (the group is unusable)."""
+        dead = [(w.name, w.exitcode) for w in self.workers if not w.is_alive()]
+        detail = f"; exited: {dead}" if dead else ""
+        self.broken = TensorParallelError(f"the tensor-parallel group failed: {type(exc).__name__}: {exc}{detail}")
+        return self.broken
+
+    def close(self) -> None:
+        """Stop the workers and leave the group; safe to call twice, and after a failure."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.broken is None and dist.is_initialized() and all(w.is_alive() for w in self.workers):
+            try:
+                broadcast_stop(self.device)
+            except Exception:   # a worker died meanwhile: terminate below
+                pass
+        for w in self.workers:
+            w.join(_JOIN_TIMEOUT_S)
+            if w.is_alive():
+                w.terminate()
+                w.join(_JOIN_TIMEOUT_S)
+            if w.is_alive():
+                w.kill()
+                w.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()

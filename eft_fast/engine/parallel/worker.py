@@ -1,0 +1,50 @@
+"""A worker rank (1..N-1): load this rank's shard, then run the forwards rank 0 broadcasts."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .group import ShardSpec, agree_min, init_rank, rank_device
+from .protocol import receive_step
+
+logger = logging.getLogger(__name__)
+
+
+def run_worker(rank: int, world_size: int, port: int, spec: ShardSpec) -> None:
+    """Process entry point of a self-spawned worker."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(spec.num_threads)
+    init_rank(rank, world_size, port, spec)
+    try:
+        runner = build_shard_runner(rank, world_size, spec)
+        serve(runner)
+    finally:
+        dist.destroy_process_group()
+
+
+def build_shard_runner(rank: int, world_size: int, spec: ShardSpec):
+    """This rank's shard of the knowledge model and its KV pool (the same calls, in the same
+    order, as the driver makes: loading and pool sizing run collectives)."""
+    from transformers import DistributedConfig
+
+    from ..loading import load_model
+    from ..model_runner import ModelRunner
+
+    device = rank_device(spec.device_type, rank)
+    model = load_model(spec.knowledge, role="knowledge", dtype=spec.dtype,
+                       distributed_config=DistributedConfig(tp_size=world_size))
+    return ModelRunner(model, block_size=spec.block_size, num_blocks=spec.num_blocks,
+                       kv_cache_bytes=spec.kv_cache_bytes, max_model_len=spec.max_model_len,
+                       max_num_seqs=spec.max_num_seqs, role="knowledge",
+                       agree_num_blocks=lambda n: agree_min(n, device))
+
+
+@torch.inference_mode()
+def serve(runner) -> None:
+    """Run every broadcast step on this rank's shard until rank 0 sends stop."""
+    while (step := receive_step(runner.device)) is not None:
+        meta = runner.metadata(step.write_slots, step.block_tables, step.seq_lens, step.query_start_loc,
+                               step.input_ids.numel(), step.max_query_len, step.max_kv_len)
+        runner.run_model(step.input_ids, step.positions, meta, step.logits_to_keep)
