@@ -21,7 +21,8 @@ SEED_LIMIT = 2**63
 _FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
           "weight_top_p": "--weight-top-p", "reward_weights": "--reward-weights", "seed": "--seed",
           "stop": "--stop", "speculative_k": "--speculative-k", "block_size": "--block-size",
-          "max_num_seqs": "--max-num-seqs", "dtype": "--dtype", "device": "--device"}
+          "max_num_seqs": "--max-num-seqs", "dtype": "--dtype", "device": "--device",
+          "tensor_parallel_size": "--tensor-parallel-size"}
 _LEADING_NAME = re.compile(r"^([a-z_]+)\b")
 
 
@@ -59,6 +60,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the knowledge model over N processes (gloo on CPU, one GPU each on CUDA); "
+                        "--knowledge must then be a path or hub id")
     p.add_argument("--prompt-format", default=None,
                    help="auto | chat | plain | a string with {prompt}, for every model (default: tuned models "
                         "use their chat template, base models plain text)")
@@ -274,7 +278,7 @@ def _build_engine(args):
     return EFTEngine(knowledge=args.knowledge, tuned=tuned, reference=reference, tokenizer=tokenizer,
                      dtype=args.dtype, device=args.device, prompt_format=args.prompt_format,
                      speculative_k=args.speculative_k, accept=args.accept, block_size=args.block_size,
-                     max_num_seqs=args.max_num_seqs)
+                     max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _add_requests(engine, prompts: list[Prompt], params: list) -> list[int]:

@@ -241,3 +241,16 @@ def test_request_errors_stay_in_the_records(model_dirs, tmp_path, capsys):
     records = {r["request_id"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert records[0]["finish_reason"] == "length" and records[0]["error"] is None
     assert records[1]["finish_reason"] == "error" and "context" in records[1]["error"]
+
+
+def test_generate_with_a_tensor_parallel_knowledge_model(model_dirs, capsys):
+    args = ["generate", "--knowledge", model_dirs["knowledge"], "--tuned", model_dirs["tuned"],
+            "--reference", model_dirs["reference"], "--prompt", "hello world", "--max-tokens", "5",
+            "--seed", "3", "--ignore-eos"]
+    assert main(args) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    assert main(args + ["--tensor-parallel-size", "2"]) == 0
+    two = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    assert two == one and len(one) == 5
+    assert main(args + ["--tensor-parallel-size", "0"]) == 2
+    assert "--tensor-parallel-size" in capsys.readouterr().err
