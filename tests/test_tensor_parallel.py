@@ -3,18 +3,25 @@ single-process model's, the engine's tokens equal tensor_parallel_size=1, bad co
 are refused before anything loads, and no worker process outlives its engine."""
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from eft_fast import EFTEngine, SamplingParams
+from eft_fast import EFTEngine
 from eft_fast.engine.model_runner import SequenceStep
 from eft_fast.engine.block_manager import BlockTable
 from eft_fast.engine.parallel.group import TensorParallelError
-from tiny_hf import byte_level_bpe
+import tp_common
 from tiny_models import dense_logits, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,23 +30,17 @@ TIMEOUT_S = 60
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return byte_level_bpe()
+    return tp_common.tokenizer()
 
 
 @pytest.fixture(scope="module")
 def small(tokenizer):
-    """Two tuned models and a reference, in memory (they stay on rank 0)."""
-    v = len(tokenizer)
-    return [tiny_model("llama", v, torch.float32, seed=20 + i) for i in range(2)], \
-        tiny_model("llama", v, torch.float32, seed=30)
+    return tp_common.small_models(tokenizer)
 
 
 @pytest.fixture(scope="module")
 def knowledge_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("knowledge")
-    tiny_model("llama", len(tokenizer), torch.float32, seed=11, num_hidden_layers=3, hidden_size=96,
-               intermediate_size=128).save_pretrained(path)
-    return str(path)
+    return tp_common.save_knowledge(tmp_path_factory.mktemp("knowledge"), tokenizer)
 
 
 def _live_workers() -> list:
@@ -65,20 +66,6 @@ def _engine(knowledge_dir, tokenizer, small, tp, **kw):
                      backend="torch", tensor_parallel_size=tp, distributed_timeout_s=TIMEOUT_S, **kw)
 
 
-def _requests(rng, n, vocab, max_tokens, weights=False):
-    prompts = [torch.randint(0, vocab, (int(m),), generator=rng).tolist()
-               for m in torch.randint(1, 9, (n,), generator=rng)]
-    params = []
-    for i in range(n):
-        w = None
-        if weights:
-            a = float(torch.rand((), generator=rng))
-            w = (a, 1.0 - a)
-        params.append(SamplingParams(max_tokens=max_tokens, seed=1000 + i, ignore_eos=True, temperature=1.0,
-                                     weight_top_p=0.9, reward_weights=w))
-    return prompts, params
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_sharded_logits_equal_single_process_logits(tmp_path, tokenizer, small, arch):
     model = tiny_model(arch, len(tokenizer), torch.float32, seed=5)
@@ -96,9 +83,9 @@ def test_sharded_logits_equal_single_process_logits(tmp_path, tokenizer, small, 
     assert (got - expected).abs().max() <= 1e-5
 
 
-def test_engine_tokens_equal_one_rank_with_reward_interpolation(knowledge_dir, tokenizer, small, rng):
+def test_engine_tokens_equal_one_rank_with_reward_interpolation(knowledge_dir, tokenizer, small):
     tuned, _ = small
-    prompts, params = _requests(rng, 5, len(tokenizer), 6, weights=True)
+    prompts, params = tp_common.requests(len(tokenizer), 5, weights=True)
     one = _engine(knowledge_dir, tokenizer, small, tp=1, tuned=tuned).generate(prompts, params)
     with _engine(knowledge_dir, tokenizer, small, tp=2, tuned=tuned) as engine:
         two = engine.generate(prompts, params)
@@ -106,8 +93,8 @@ def test_engine_tokens_equal_one_rank_with_reward_interpolation(knowledge_dir, t
     assert all(o.finish_reason == "length" for o in two)
 
 
-def test_engine_tokens_equal_one_rank_speculative_and_preempted(knowledge_dir, tokenizer, small, rng):
-    prompts, params = _requests(rng, 4, len(tokenizer), 8)
+def test_engine_tokens_equal_one_rank_speculative_and_preempted(knowledge_dir, tokenizer, small):
+    prompts, params = tp_common.requests(len(tokenizer), 4, max_tokens=8)
     plain = _engine(knowledge_dir, tokenizer, small, tp=1).generate(prompts, params)
     with _engine(knowledge_dir, tokenizer, small, tp=2, speculative_k=3, num_blocks=10) as engine:
         two = engine.generate(prompts, params)
@@ -116,8 +103,8 @@ def test_engine_tokens_equal_one_rank_speculative_and_preempted(knowledge_dir, t
     assert [o.token_ids for o in two] == [o.token_ids for o in plain]
 
 
-def test_a_killed_worker_is_a_clear_error(knowledge_dir, tokenizer, small, rng):
-    prompts, params = _requests(rng, 2, len(tokenizer), 4)
+def test_a_killed_worker_is_a_clear_error(knowledge_dir, tokenizer, small):
+    prompts, params = tp_common.requests(len(tokenizer), 2, max_tokens=4)
     engine = _engine(knowledge_dir, tokenizer, small, tp=2)
     engine._tp_group.workers[0].kill()
     engine._tp_group.workers[0].join()
@@ -144,3 +131,51 @@ def test_bad_configurations_are_refused_before_loading(tmp_path, knowledge_dir, 
     with pytest.raises(ValueError, match="also a tuned or reference model"):
         EFTEngine(knowledge=knowledge_dir, tuned=knowledge_dir, reference=reference, tensor_parallel_size=2)
     assert not _live_workers()
+
+
+# ---- the external launcher (torchrun): every rank runs tests/tp_launched.py ----------------
+
+LAUNCHED = Path(__file__).with_name("tp_launched.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(*torchrun_args, knowledge_dir, out) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, str(LAUNCHED), knowledge_dir, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(LAUNCHED.parent), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout_s: float = 150) -> None:
+    """Wait for every launch; on a timeout or a failure kill every process group they started."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert p.returncode == 0, out[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_external_launcher(knowledge_dir, tokenizer, small, tmp_path, nodes):
+    prompts, params = tp_common.requests(len(tokenizer))
+    expected = [o.token_ids for o in _engine(knowledge_dir, tokenizer, small, tp=1).generate(prompts, params)]
+    out = tmp_path / "tokens.json"
+    if nodes == 1:
+        procs = [_launch("--standalone", "--nproc-per-node", "2", knowledge_dir=knowledge_dir, out=out)]
+    else:   # two launches, one rank each, meeting at 127.0.0.1 as two nodes would
+        port = str(_free_port())
+        procs = [_launch("--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--master-addr",
+                         "127.0.0.1", "--master-port", port, knowledge_dir=knowledge_dir, out=out) for r in (0, 1)]
+    _wait_all(procs)
+    assert json.loads(out.read_text()) == expected

@@ -25,7 +25,8 @@ from ..ops import resolve_backend
 from .decoding import Decoder
 from .loading import parse_device
 from .parallel import TensorParallelGroup, TensorParallelRunner, check_tensor_parallel
-from .parallel.group import ShardSpec, TensorParallelError
+from .parallel.group import ShardSpec, TensorParallelError, launched_rank
+from .parallel.worker import run_launched_worker
 from .model_runner import ModelRunner, SequenceStep
 from .models import EngineModels
 from .outputs import RequestMetrics, RequestOutput, StreamDelta
@@ -58,6 +59,12 @@ class EFTEngine:
             with "{prompt}", or a callable).
         speculative_k, accept, block_size, max_num_seqs, max_num_batched_tokens, num_blocks,
         kv_cache_bytes, max_model_len, use_cuda_graph, backend: see :class:`EngineConfig`.
+        tensor_parallel_size: shard the knowledge model (a path or hub id) over N ranks; this
+            process is rank 0 and spawns the others, or, under torchrun (WORLD_SIZE = N), every
+            rank runs this constructor and ranks > 0 serve rank 0 until it closes, then exit.
+        distributed_timeout_s: the timeout of every collective of the tensor-parallel group.
+
+    Use ``with EFTEngine(...) as engine:`` (or ``close()``) to stop tensor-parallel workers.
     """
 
     def __init__(self, knowledge=None, tuned=None, reference=None, *, tokenizer=None, dtype=None, device=None,
@@ -80,8 +87,15 @@ class EFTEngine:
         if tensor_parallel_size > 1:
             check_tensor_parallel(tensor_parallel_size, knowledge, device=parsed_device,
                                   other_specs=_listed(tuned) + _listed(reference))
-            self._tp_group = TensorParallelGroup.start(self._shard_spec(knowledge, dtype, parsed_device),
-                                                       tensor_parallel_size)
+            spec = self._shard_spec(knowledge, dtype, parsed_device)
+            launched = launched_rank(tensor_parallel_size)
+            if launched is None:
+                self._tp_group = TensorParallelGroup.start(spec, tensor_parallel_size)
+            elif launched[0] == 0:
+                self._tp_group = TensorParallelGroup.join_launched(spec, tensor_parallel_size, launched[2])
+            else:                 # a worker rank of torchrun: serve rank 0's steps, then exit
+                run_launched_worker(*launched, spec)
+                raise SystemExit(0)
             weakref.finalize(self, self._tp_group.close)   # interpreter exit, or the engine dropped
             knowledge_kwargs = self._tp_group.load_kwargs()
         try:

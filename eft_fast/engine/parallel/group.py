@@ -1,12 +1,18 @@
-"""Start and stop the ranks of a tensor-parallel knowledge model (self-spawned mode).
+"""Start and stop the ranks of a tensor-parallel knowledge model.
 
-Rank 0 is this process (the driver). ``TensorParallelGroup.start`` spawns ranks 1..N-1 as
-worker processes (the "spawn" start method, as vLLM does: a script that builds an engine
-needs the ``if __name__ == "__main__":`` guard), and joins them in one process group on
-127.0.0.1: gloo for CPU models, NCCL with ``cuda:rank`` for CUDA ones. Every collective has
-the group's timeout. ``close()`` stops the workers (a stop message, then terminate if they do
-not exit) and destroys the group; a worker also exits on its own when the driver's connection
-closes, so none survives the driver.
+Rank 0 is the driver (the process that runs the engine). Two ways to get the other ranks:
+
+- self-spawned (``TensorParallelGroup.start``): the driver spawns ranks 1..N-1 as worker
+  processes (the "spawn" start method, as vLLM does: a script that builds an engine needs the
+  ``if __name__ == "__main__":`` guard) and joins them in one process group on 127.0.0.1;
+- an external launcher (``TensorParallelGroup.join_launched``): under ``torchrun`` every rank
+  runs the same program and the group comes from its environment (RANK, WORLD_SIZE,
+  MASTER_ADDR, ...), on one node or several.
+
+gloo for CPU models, NCCL with ``cuda:local_rank`` for CUDA ones; every collective has the
+group's timeout. ``close()`` stops the workers (a stop message, then, for spawned ones,
+terminate if they do not exit) and destroys the group; a worker also exits on its own when the
+driver's connection closes, so none survives the driver.
 """
 from __future__ import annotations
 
@@ -50,17 +56,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_device(device_type: str, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+def rank_device(device_type: str, local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
 
 
-def init_rank(rank: int, world_size: int, port: int, spec: ShardSpec) -> None:
+def init_rank(rank: int, world_size: int, init_method: str, spec: ShardSpec, local_rank: int | None = None) -> None:
     """Join the group as ``rank`` (every rank, the driver included, calls this)."""
+    local_rank = rank if local_rank is None else local_rank
     if spec.device_type == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(local_rank)
     backend = "nccl" if spec.device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=spec.timeout_s))
+
+
+def launched_rank(tp_size: int) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when an external launcher (torchrun) started this process
+    as one of several ranks, else None. The launch must have exactly ``tp_size`` ranks."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if world != tp_size:
+        raise ValueError(f"this process was launched as one of WORLD_SIZE={world} ranks, but "
+                         f"tensor_parallel_size={tp_size}; launch exactly tensor_parallel_size ranks")
+    rank = int(os.environ["RANK"])
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
 def agree_min(value: int, device: torch.device) -> int:
@@ -96,10 +118,19 @@ class TensorParallelGroup:
             w.start()
         group = cls(spec, world_size, workers)
         try:
-            init_rank(0, world_size, port, spec)
+            init_rank(0, world_size, f"tcp://127.0.0.1:{port}", spec)
         except BaseException:
             group.close()
             raise
+        return group
+
+    @classmethod
+    def join_launched(cls, spec: ShardSpec, world_size: int, local_rank: int) -> "TensorParallelGroup":
+        """Rank 0 of a group an external launcher started (its workers are not ours to join)."""
+        if not dist.is_initialized():
+            init_rank(0, world_size, "env://", spec, local_rank)
+        group = cls(spec, world_size, [])
+        group.device = rank_device(spec.device_type, local_rank)
         return group
 
     def load_kwargs(self) -> dict:

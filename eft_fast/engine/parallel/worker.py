@@ -13,18 +13,30 @@ logger = logging.getLogger(__name__)
 
 def run_worker(rank: int, world_size: int, port: int, spec: ShardSpec) -> None:
     """Process entry point of a self-spawned worker."""
+    torch.set_num_threads(spec.num_threads)
+    init_rank(rank, world_size, f"tcp://127.0.0.1:{port}", spec)
+    serve_until_stopped(rank, world_size, spec)
+
+
+def run_launched_worker(rank: int, world_size: int, local_rank: int, spec: ShardSpec) -> None:
+    """A rank > 0 that an external launcher (torchrun) started: serve, then leave the group."""
     import torch.distributed as dist
 
-    torch.set_num_threads(spec.num_threads)
-    init_rank(rank, world_size, port, spec)
+    if not dist.is_initialized():
+        init_rank(rank, world_size, "env://", spec, local_rank)
+    serve_until_stopped(local_rank, world_size, spec)
+
+
+def serve_until_stopped(local_rank: int, world_size: int, spec: ShardSpec) -> None:
+    import torch.distributed as dist
+
     try:
-        runner = build_shard_runner(rank, world_size, spec)
-        serve(runner)
+        serve(build_shard_runner(local_rank, world_size, spec))
     finally:
         dist.destroy_process_group()
 
 
-def build_shard_runner(rank: int, world_size: int, spec: ShardSpec):
+def build_shard_runner(local_rank: int, world_size: int, spec: ShardSpec):
     """This rank's shard of the knowledge model and its KV pool (the same calls, in the same
     order, as the driver makes: loading and pool sizing run collectives)."""
     from transformers import DistributedConfig
@@ -32,7 +44,7 @@ def build_shard_runner(rank: int, world_size: int, spec: ShardSpec):
     from ..loading import load_model
     from ..model_runner import ModelRunner
 
-    device = rank_device(spec.device_type, rank)
+    device = rank_device(spec.device_type, local_rank)
     model = load_model(spec.knowledge, role="knowledge", dtype=spec.dtype,
                        distributed_config=DistributedConfig(tp_size=world_size))
     return ModelRunner(model, block_size=spec.block_size, num_blocks=spec.num_blocks,
