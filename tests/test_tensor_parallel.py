@@ -144,21 +144,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(*torchrun_args, knowledge_dir, out) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, str(LAUNCHED), knowledge_dir, str(out)]
+def _launch(*torchrun_args, knowledge_dir, out, extra=()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, str(LAUNCHED), knowledge_dir, str(out),
+           *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
         str(LAUNCHED.parent), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
 
-def _wait_all(procs: list[subprocess.Popen], timeout_s: float = 150) -> None:
-    """Wait for every launch; on a timeout or a failure kill every process group they started."""
+def _wait_all(procs: list[subprocess.Popen], timeout_s: float = 150) -> list[tuple[int, str]]:
+    """Wait for every launch (return code, output); on a timeout kill every process group they started."""
     deadline = time.monotonic() + timeout_s
+    results = []
     try:
         for p in procs:
             out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            assert p.returncode == 0, out[-3000:]
+            results.append((p.returncode, out))
+        return results
     finally:
         for p in procs:
             if p.poll() is None:
@@ -177,5 +180,33 @@ def test_external_launcher(knowledge_dir, tokenizer, small, tmp_path, nodes):
         port = str(_free_port())
         procs = [_launch("--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--master-addr",
                          "127.0.0.1", "--master-port", port, knowledge_dir=knowledge_dir, out=out) for r in (0, 1)]
-    _wait_all(procs)
+    for code, output in _wait_all(procs):
+        assert code == 0, output[-3000:]
     assert json.loads(out.read_text()) == expected
+
+
+def test_a_worker_whose_forward_raises_ends_the_group_with_a_clear_error(knowledge_dir, tmp_path):
+    """Rank 1's third forward raises: it reports and exits, and rank 0 gets TensorParallelError
+    well before the collective timeout (60 s); both ranks' programs end. (Rank 0's torchrun
+    agent then waits in torchrun's own exit barrier for the failed node, so the test ends it.)"""
+    import psutil
+
+    out = tmp_path / "result.json"
+    port = str(_free_port())
+    start = time.monotonic()
+    node0, node1 = [_launch("--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--master-addr",
+                            "127.0.0.1", "--master-port", port, knowledge_dir=knowledge_dir, out=out, extra=["3"])
+                    for r in (0, 1)]
+    try:
+        (code1, out1), = _wait_all([node1], timeout_s=120)
+        assert code1 != 0 and "tensor-parallel rank 1 failed: RuntimeError: injected worker failure" in out1
+        deadline = time.monotonic() + 60
+        while (not out.exists() or psutil.Process(node0.pid).children(recursive=True)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not psutil.Process(node0.pid).children(recursive=True), "rank 0's program did not end"
+        assert "the tensor-parallel group failed" in json.loads(out.read_text())["error"]
+        assert time.monotonic() - start < 55
+    finally:
+        if node0.poll() is None:
+            os.killpg(node0.pid, signal.SIGKILL)
+        node0.communicate()

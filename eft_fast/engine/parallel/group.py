@@ -95,10 +95,11 @@ def agree_min(value: int, device: torch.device) -> int:
 class TensorParallelGroup:
     """The driver's handle on the group: its workers, its device, and how to stop them."""
 
-    def __init__(self, spec: ShardSpec, world_size: int, workers: list):
+    def __init__(self, spec: ShardSpec, world_size: int, workers: list, errors=None):
         self.spec = spec
         self.world_size = world_size
         self.workers = workers
+        self.errors = errors                 # the spawned workers' failure messages
         self.device = rank_device(spec.device_type, 0)
         self.broken: BaseException | None = None
         self.closed = False
@@ -112,11 +113,12 @@ class TensorParallelGroup:
 
         port = _free_port()
         ctx = mp.get_context("spawn")
-        workers = [ctx.Process(target=run_worker, args=(rank, world_size, port, spec), daemon=True,
+        errors = ctx.SimpleQueue()
+        workers = [ctx.Process(target=run_worker, args=(rank, world_size, port, spec, errors), daemon=True,
                                name=f"eft_fast-tp-worker-{rank}") for rank in range(1, world_size)]
         for w in workers:
             w.start()
-        group = cls(spec, world_size, workers)
+        group = cls(spec, world_size, workers, errors)
         try:
             init_rank(0, world_size, f"tcp://127.0.0.1:{port}", spec)
         except BaseException:
@@ -154,9 +156,13 @@ class TensorParallelGroup:
             raise self.broken
 
     def fail(self, exc: BaseException) -> TensorParallelError:
-        """Record that a collective failed; the error to raise (the group is unusable)."""
+        """Record that a collective failed; the error to raise (the group is unusable), with
+        what the workers that failed reported."""
+        reports = []
+        while self.errors is not None and not self.errors.empty():
+            reports.append(self.errors.get())
         dead = [(w.name, w.exitcode) for w in self.workers if not w.is_alive()]
-        detail = f"; exited: {dead}" if dead else ""
+        detail = "".join(f"; {r}" for r in reports) + (f"; exited: {dead}" if dead else "")
         self.broken = TensorParallelError(f"the tensor-parallel group failed: {type(exc).__name__}: {exc}{detail}")
         return self.broken
 

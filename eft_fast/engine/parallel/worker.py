@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import torch
 
@@ -11,11 +13,11 @@ from .protocol import receive_step
 logger = logging.getLogger(__name__)
 
 
-def run_worker(rank: int, world_size: int, port: int, spec: ShardSpec) -> None:
-    """Process entry point of a self-spawned worker."""
+def run_worker(rank: int, world_size: int, port: int, spec: ShardSpec, errors=None) -> None:
+    """Process entry point of a self-spawned worker; ``errors`` (a queue) gets its failure."""
     torch.set_num_threads(spec.num_threads)
     init_rank(rank, world_size, f"tcp://127.0.0.1:{port}", spec)
-    serve_until_stopped(rank, world_size, spec)
+    serve_until_stopped(rank, world_size, spec, rank=rank, errors=errors)
 
 
 def run_launched_worker(rank: int, world_size: int, local_rank: int, spec: ShardSpec) -> None:
@@ -24,16 +26,29 @@ def run_launched_worker(rank: int, world_size: int, local_rank: int, spec: Shard
 
     if not dist.is_initialized():
         init_rank(rank, world_size, "env://", spec, local_rank)
-    serve_until_stopped(local_rank, world_size, spec)
+    serve_until_stopped(local_rank, world_size, spec, rank=rank)
 
 
-def serve_until_stopped(local_rank: int, world_size: int, spec: ShardSpec) -> None:
+def serve_until_stopped(local_rank: int, world_size: int, spec: ShardSpec, *, rank: int, errors=None) -> None:
+    """Serve until rank 0 sends stop, then leave the group.
+
+    An exception (a failed forward, CUDA out of memory) leaves this rank's collectives out of
+    step with the others, so the group cannot go on: the rank reports it (log, and ``errors``)
+    and exits at once. Its closed connection makes rank 0's pending collective fail within
+    seconds instead of at the timeout, and rank 0 raises TensorParallelError naming it.
+    """
     import torch.distributed as dist
 
     try:
         serve(build_shard_runner(local_rank, world_size, spec))
-    finally:
-        dist.destroy_process_group()
+    except BaseException as exc:   # noqa: BLE001 - any failure ends this rank
+        message = f"tensor-parallel rank {rank} failed: {type(exc).__name__}: {exc}"
+        logger.error(message, exc_info=exc)
+        if errors is not None:
+            errors.put(message)
+        sys.stderr.flush()
+        os._exit(1)                # no cleanup: a collective with the other ranks could hang
+    dist.destroy_process_group()
 
 
 def build_shard_runner(local_rank: int, world_size: int, spec: ShardSpec):
