@@ -48,6 +48,12 @@ def _cmd_bench(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("eft-fast bench: --device cuda needs a GPU", file=sys.stderr)
         return 2
+    if args.tensor_parallel_size < 1:
+        print(f"eft-fast bench: --tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}", file=sys.stderr)
+        return 2
+    if args.tensor_parallel_size > 1 and args.op:
+        print("eft-fast bench: --tensor-parallel-size applies to the engine benchmark, not to --op", file=sys.stderr)
+        return 2
     if args.threads is not None and args.threads < 1:
         print(f"eft-fast bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
@@ -113,6 +119,8 @@ def _cmd_bench_engine(args) -> int:
               f"tuned {params['tuned'] / 1e6:.1f}M, reference {params['reference'] / 1e6:.1f}M parameters",
               flush=True)
         settings = replace(QUICK_SETTINGS if args.quick else BenchSettings(), seed=args.seed)
+        if args.tensor_parallel_size > 1:
+            return _bench_tensor_parallel(models, settings, args, threads)
         results = run_engine_benchmark(models, settings, args.device, progress=not args.no_progress)
         wall = time.perf_counter() - start
     finally:
@@ -132,6 +140,20 @@ def _cmd_bench_engine(args) -> int:
     path = report.write_json(data, out)
     print(f"wrote {path}" + (f" and {plot}" if plot is not None else
                              " (no plot: matplotlib is not installed; pip install 'eft_fast[bench]')"))
+    return 0
+
+
+def _bench_tensor_parallel(models, settings, args, threads: int) -> int:
+    from .bench.tensor_parallel import format_table, run_tensor_parallel_benchmark
+
+    result = run_tensor_parallel_benchmark(models, settings, args.device, args.tensor_parallel_size)
+    print(format_table(result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "tensor_parallel_bench.json"
+    path.write_text(json.dumps({**result, "command": args.command_line, "device": args.device, "threads": threads,
+                                "models": models.description}, indent=2))
+    print(f"wrote {path}")
     return 0
 
 
@@ -171,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "default otherwise)")
     p_bench.add_argument("--seed", type=int, default=0, help="seed of the synthetic family and of the requests")
     p_bench.add_argument("--quick", action="store_true", help="a small grid / a tiny family and short runs")
+    p_bench.add_argument("--tensor-parallel-size", type=int, default=1,
+                         help="N > 1: eft_fast EFT with the knowledge model sharded over N ranks against one rank")
     p_bench.add_argument("--out", default="eft_bench_out", help="output directory")
     p_bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_bench.set_defaults(func=_cmd_bench)
