@@ -140,3 +140,13 @@ def test_bench_quick_on_model_paths(tmp_path, capsys):
     assert data["models"]["models"]["tuned"] == str(paths["tuned"])
     assert data["identical"] is True
     assert all(list(w["columns"]) == COLUMN_ORDER for w in data["workloads"])
+
+
+def test_bench_tensor_parallel(tmp_path, capsys):
+    """The quick family's knowledge model has 6 heads and 3 KV heads: 3 ranks."""
+    assert main(["bench", "--quick", "--tensor-parallel-size", "3", "--out", str(tmp_path), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "tensor_parallel_bench.json").read_text())
+    assert [r["tensor_parallel_size"] for r in data["rows"]] == [1, 3]
+    assert data["identical"] and all(r["tokens_per_s"] > 0 for r in data["rows"])
+    assert data["rows"][1]["broadcast_ms"] > 0 and data["rows"][0]["broadcast_ms"] is None
+    assert "tokens identical: True" in capsys.readouterr().out
