@@ -115,6 +115,14 @@ def test_a_killed_worker_is_a_clear_error(knowledge_dir, tokenizer, small):
     engine.close()
 
 
+def test_more_ranks_than_visible_gpus(knowledge_dir, monkeypatch):
+    from eft_fast.engine.parallel import check_tensor_parallel
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs 2 GPUs, but 1 are visible"):
+        check_tensor_parallel(2, knowledge_dir, device=torch.device("cuda"), other_specs=[])
+
+
 def test_bad_configurations_are_refused_before_loading(tmp_path, knowledge_dir, tokenizer, small):
     tuned, reference = small
     with pytest.raises(ValueError, match=r"4 attention heads, not divisible by tensor_parallel_size=3"):

@@ -100,6 +100,8 @@ class ModelRunner:
             one every rank uses (the minimum), so block tables mean the same everywhere.
     """
 
+    supports_cuda_graph = True    # its forward can be captured (no host work inside run_model)
+
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
                  attention_backend: str = "auto", role: str = "model",

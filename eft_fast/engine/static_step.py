@@ -44,7 +44,9 @@ class StaticStep:
         self.query_len = query_len
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
-        self.use_cuda_graph = runner.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        # A sharded runner broadcasts each step from the host first: it runs eagerly.
+        self.use_cuda_graph = runner.supports_cuda_graph and \
+            (runner.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph)
         self.pad_to_bucket = self.use_cuda_graph if pad_to_bucket is None else pad_to_bucket
         dev, q, b = runner.device, query_len, self.max_batch
         i64, i32 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.int32, device=dev)

@@ -12,7 +12,10 @@ from .protocol import Step, broadcast_step
 class TensorParallelRunner(ModelRunner):
     """A :class:`ModelRunner` whose every forward is first broadcast to the other ranks,
     which run their shards alongside (each forward's collectives pair up across ranks).
-    Its KV pool holds this rank's KV heads, in as many blocks as every rank has."""
+    Its KV pool holds this rank's KV heads, in as many blocks as every rank has. The step
+    broadcast starts on the host, so its steps run eagerly (no CUDA graphs yet)."""
+
+    supports_cuda_graph = False
 
     def __init__(self, model, group: TensorParallelGroup, **kwargs):
         super().__init__(model, agree_num_blocks=group.agree_num_blocks, **kwargs)
