@@ -345,6 +345,7 @@ def cmd_generate(args) -> int:
     except UsageError as e:
         return _usage_error(e)
     generated = False
+    engine = None
     try:
         try:
             engine = _build_engine(args)
@@ -361,4 +362,6 @@ def cmd_generate(args) -> int:
             return _usage_error(UsageError(f"--output {args.output or 'stdout'}: writing failed: {e}"))
         return 0 if ok else 1
     finally:
+        if engine is not None:
+            engine.close()                                # tensor-parallel workers, if any
         out.close(keep=generated)

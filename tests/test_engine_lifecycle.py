@@ -213,3 +213,24 @@ def test_a_bad_prompt_fails_the_stream_call_itself(family):
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         engine.stream([[1, 2], [VOCAB + 1]], SamplingParams(max_tokens=2))
     assert_nothing_held(engine)
+
+
+def test_a_stream_closed_in_the_middle_of_a_step_is_dropped_after_it(family, rng, monkeypatch):
+    """As when the garbage collector finalises an abandoned stream during another call's step."""
+    prompts, params = random_requests(rng, 2, 6, SETTINGS)
+    clean = tiny_engine(family).generate(prompts[1:], params[1:])[0].token_ids
+    engine = tiny_engine(family)
+    abandoned = engine.stream(prompts[:1], params[:1])
+    next(abandoned)                                       # its request is running
+    model = engine.runners[0].model
+    forward = model.forward
+
+    def forward_then_close(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        abandoned.close()
+        return out
+
+    monkeypatch.setattr(model, "forward", forward_then_close)
+    out = engine.generate(prompts[1:], params[1:])[0]
+    assert out.finish_reason == "length" and out.token_ids == clean
+    assert_nothing_held(engine)

@@ -218,3 +218,45 @@ def test_a_worker_whose_forward_raises_ends_the_group_with_a_clear_error(knowled
         if node0.poll() is None:
             os.killpg(node0.pid, signal.SIGKILL)
         node0.communicate()
+
+
+def test_refused_before_any_rank_starts(knowledge_dir, tokenizer, small):
+    tuned, reference = small
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="a model sampled alone is not sharded"):
+        EFTEngine(knowledge=knowledge_dir, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="prompt_format has unknown roles"):
+        _engine(knowledge_dir, tokenizer, small, tp=2, prompt_format={"bogus": "plain"})
+    assert time.monotonic() - start < 10 and not _live_workers()
+
+
+def test_a_user_error_while_building_stops_the_workers_at_once(knowledge_dir, tokenizer, small):
+    """A bad tuned model is found after the ranks started (they wait to agree on the pool)."""
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="tuned"):
+        _engine(knowledge_dir, tokenizer, small, tp=2, tuned="/nonexistent/tuned-model")
+    assert time.monotonic() - start < 30                  # not the collective timeout (60 s)
+
+
+def test_an_interrupt_mid_forward_closes_the_group_at_once(knowledge_dir, tokenizer, small, monkeypatch):
+    from eft_fast.engine.model_runner import ModelRunner
+
+    prompts, params = tp_common.requests(len(tokenizer), 2, max_tokens=4)
+    engine = _engine(knowledge_dir, tokenizer, small, tp=2)
+    runner = engine.runners[engine.roles.knowledge]
+    run_model, calls = ModelRunner.run_model, []
+
+    def interrupted(self, *args, **kwargs):    # rank 0's second knowledge forward, after its broadcast
+        if self is runner:
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return run_model(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "run_model", interrupted)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(prompts, params)
+    assert runner.group.closed and time.monotonic() - start < 30
+    with pytest.raises(TensorParallelError):
+        engine.generate(prompts, params)

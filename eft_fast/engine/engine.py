@@ -28,7 +28,7 @@ from .parallel import TensorParallelGroup, TensorParallelRunner, check_tensor_pa
 from .parallel.group import ShardSpec, TensorParallelError, launched_rank
 from .parallel.worker import run_launched_worker
 from .model_runner import ModelRunner, SequenceStep
-from .models import EngineModels
+from .models import EngineModels, _as_list, check_roles
 from .outputs import RequestMetrics, RequestOutput, StreamDelta
 from .request import Request
 from .sampler import sample
@@ -39,8 +39,6 @@ from .tokenization import IncrementalDetokenizer, check_prompt, encode_prompt, f
 logger = logging.getLogger(__name__)
 
 
-def _listed(value) -> list:
-    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class EFTEngine:
@@ -85,8 +83,12 @@ class EFTEngine:
         self._tp_group = None
         knowledge_kwargs = {}
         if tensor_parallel_size > 1:
+            if not _as_list(tuned):
+                raise ValueError(f"tensor_parallel_size={tensor_parallel_size} shards the knowledge model of an EFT "
+                                 "engine (knowledge + tuned + reference); a model sampled alone is not sharded")
+            check_roles(knowledge, tuned, reference, prompt_format)   # cheap user errors before any rank starts
             check_tensor_parallel(tensor_parallel_size, knowledge, device=parsed_device,
-                                  other_specs=_listed(tuned) + _listed(reference))
+                                  other_specs=_as_list(tuned) + _as_list(reference))
             spec = self._shard_spec(knowledge, dtype, parsed_device)
             launched = launched_rank(tensor_parallel_size)
             if launched is None:
@@ -133,11 +135,14 @@ class EFTEngine:
         self._next_id = 0
         self._requests: dict[int, Request] = {}   # every request whose output was not taken yet
         self._ended: list[Request] = []           # finished outside a step's batch, not reported yet
+        self._stepping = False                    # inside _step (aborts and forgets wait for its end)
+        self._deferred: list[tuple[int, bool]] = []   # (request id, forget) asked for during a step
 
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the tensor-parallel workers (if any) and leave their process group. Safe to
-        call twice; the engine cannot step afterwards."""
+        """Stop the tensor-parallel workers (if any) and leave their process group; a sharded
+        engine cannot step afterwards (TensorParallelError). Safe to call twice; a
+        single-process engine has nothing to stop."""
         if self._tp_group is not None:
             self._tp_group.close()
 
@@ -192,13 +197,18 @@ class EFTEngine:
             self.scheduler.add(request)
         return request.request_id
 
-    def _fail(self, request: Request, message: str, reason: str = "error") -> None:
+    def _fail(self, request: Request, message: str | None, reason: str = "error") -> None:
         """End ``request`` now (its blocks freed); the next step reports it."""
-        request.error = message
-        request.finish_reason = reason
-        request.finish_time = time.perf_counter()
-        self.scheduler.finish(request)
+        self._end(request, reason, message)
         self._ended.append(request)
+
+    def _end(self, request: Request, reason: str, error: str | None = None, *, free: bool = True) -> None:
+        """Mark ``request`` finished; ``free``: release its blocks and queue entry through the
+        scheduler (an interrupted step's victims are dropped by Scheduler.recover instead)."""
+        request.error = error
+        request.finish_reason, request.finish_time = reason, time.perf_counter()
+        if free:
+            self.scheduler.finish(request)
 
     def abort(self, request_id: int) -> bool:
         """Stop a request: it finishes with finish_reason "abort" and its KV blocks are freed
@@ -207,17 +217,32 @@ class EFTEngine:
         request = self._requests.get(request_id)
         if request is None or request.finished:
             return False
-        self._fail(request, None, reason="abort")
+        if self._stepping:          # called from inside a step (a finaliser): at the step's end
+            self._deferred.append((request_id, False))
+        else:
+            self._fail(request, None, reason="abort")
         return True
 
     def _forget(self, request_ids: Iterable[int]) -> None:
         """Drop requests whose caller is gone (a closed stream, an interrupted generate):
-        unfinished ones are aborted first, so nothing keeps their blocks or keeps decoding them."""
+        unfinished ones are aborted first, so nothing keeps their blocks or keeps decoding them.
+        A stream collected by the garbage collector can land here in the middle of a step:
+        then the requests are dropped when the step ends, never under its feet."""
+        if self._stepping:
+            self._deferred.extend((request_id, True) for request_id in request_ids)
+            return
         for request_id in request_ids:
             request = self._requests.pop(request_id, None)
             if request is not None and not request.finished:
-                request.finish_reason, request.finish_time = "abort", time.perf_counter()
-                self.scheduler.finish(request)
+                self._end(request, "abort")
+
+    def _apply_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for request_id, forget in deferred:
+            if forget:
+                self._forget([request_id])
+            else:
+                self.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -239,6 +264,14 @@ class EFTEngine:
 
     def _step(self) -> list[Request]:
         """One step; the requests it touched, each once, without taking their deltas."""
+        self._stepping = True
+        try:
+            return self._run_step()
+        finally:
+            self._stepping = False
+            self._apply_deferred()
+
+    def _run_step(self) -> list[Request]:
         touched, self._ended = self._ended, []
         scheduled = None
         try:
@@ -267,6 +300,8 @@ class EFTEngine:
         except BaseException as exc:
             self._interrupted(scheduled, exc)
             self._ended = touched + self._ended      # reported by the next step
+            if self._tp_group is not None and self._tp_group.broken is not None:
+                self.close()                         # interrupted mid-forward: the ranks are out of step
             raise
         stepped = scheduled.requests if scheduled is not None else []
         ended = set(self._ended)
@@ -308,8 +343,7 @@ class EFTEngine:
         victims = [r for r in victims if not r.finished]
         sched.recover(victims)
         for request in victims:
-            request.error = f"interrupted by {type(exc).__name__} during a step"
-            request.finish_reason, request.finish_time = "abort", time.perf_counter()
+            self._end(request, "abort", f"interrupted by {type(exc).__name__} during a step", free=False)
             self._ended.append(request)
 
     @torch.inference_mode()

@@ -57,6 +57,12 @@ def _assign_roles(knowledge, tuned, reference) -> tuple[list, list[str], Roles]:
     return specs, roles_named, roles
 
 
+def check_roles(knowledge, tuned, reference, prompt_format) -> None:
+    """The role and prompt-format checks of :meth:`EngineModels.load`, without loading anything."""
+    _, names, roles = _assign_roles(knowledge, tuned, reference)
+    _formats(prompt_format, names, roles)
+
+
 @dataclass
 class EngineModels:
     """models[m], names[m] (role name), tokenizers[m] and formats[m] per unique model."""

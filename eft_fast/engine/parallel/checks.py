@@ -27,6 +27,10 @@ def check_tensor_parallel(tp_size, knowledge, *, device: torch.device | None, ot
         raise ValueError(f"tensor_parallel_size={tp_size}: the knowledge model {os.fspath(knowledge)!r} is also a "
                          "tuned or reference model; only a knowledge model of its own can be sharded")
     if device is not None and device.type == "cuda":
+        if device.index not in (None, 0):
+            raise ValueError(f"device={str(device)!r} with tensor_parallel_size={tp_size}: rank r runs on cuda:r, so "
+                             "give device='cuda' (the ranks use cuda:0 .. cuda:N-1; pick them with "
+                             "CUDA_VISIBLE_DEVICES)")
         visible = torch.cuda.device_count()
         if tp_size > visible:
             raise ValueError(f"tensor_parallel_size={tp_size} needs {tp_size} GPUs, but {visible} are visible")

@@ -17,6 +17,7 @@ driver's connection closes, so none survives the driver.
 from __future__ import annotations
 
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -102,6 +103,7 @@ class TensorParallelGroup:
         self.errors = errors                 # the spawned workers' failure messages
         self.device = rank_device(spec.device_type, 0)
         self.broken: BaseException | None = None
+        self.serving = False     # every rank built its pool and waits for steps: stop is a message
         self.closed = False
 
     @classmethod
@@ -120,11 +122,35 @@ class TensorParallelGroup:
             w.start()
         group = cls(spec, world_size, workers, errors)
         try:
-            init_rank(0, world_size, f"tcp://127.0.0.1:{port}", spec)
+            group._join_watching_workers(port)
         except BaseException:
             group.close()
             raise
         return group
+
+    def _join_watching_workers(self, port: int) -> None:
+        """init_process_group as rank 0, in a thread, while watching the workers: one that dies
+        before it joins (e.g. a script without the ``if __name__ == "__main__":`` guard) is an
+        error at once instead of a wait for the whole timeout."""
+        failure: list[BaseException] = []
+
+        def join() -> None:
+            try:
+                init_rank(0, self.world_size, f"tcp://127.0.0.1:{port}", self.spec)
+            except BaseException as e:   # noqa: BLE001 - handed to the caller
+                failure.append(e)
+
+        thread = threading.Thread(target=join, daemon=True, name="eft_fast-tp-rendezvous")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+            dead = [(w.name, w.exitcode) for w in self.workers if w.exitcode is not None]
+            if dead and thread.is_alive():
+                raise TensorParallelError(
+                    f"tensor-parallel worker(s) {dead} exited before joining the group (a script that builds a "
+                    "tensor-parallel engine needs the `if __name__ == \"__main__\":` guard: workers are spawned)")
+        if failure:
+            raise failure[0]
 
     @classmethod
     def join_launched(cls, spec: ShardSpec, world_size: int, local_rank: int) -> "TensorParallelGroup":
@@ -142,7 +168,13 @@ class TensorParallelGroup:
         return {"distributed_config": DistributedConfig(tp_size=self.world_size)}
 
     def agree_num_blocks(self, num_blocks: int) -> int:
-        return agree_min(num_blocks, self.device)
+        """The pool size every rank uses; from here on every rank serves steps."""
+        try:
+            agreed = agree_min(num_blocks, self.device)
+        except Exception as e:   # a worker failed while loading: its report says why
+            raise self.fail(e) from e
+        self.serving = True
+        return agreed
 
     def check(self) -> None:
         """Raise TensorParallelError if the group can no longer run a step."""
@@ -167,17 +199,22 @@ class TensorParallelGroup:
         return self.broken
 
     def close(self) -> None:
-        """Stop the workers and leave the group; safe to call twice, and after a failure."""
+        """Stop the workers and leave the group; safe to call twice, and after a failure.
+
+        Workers that serve get the stop message; workers that cannot take it (still loading,
+        or stuck in a collective of a failed step) are terminated at once."""
         if self.closed:
             return
         self.closed = True
-        if self.broken is None and dist.is_initialized() and all(w.is_alive() for w in self.workers):
+        orderly = self.serving and self.broken is None and all(w.is_alive() for w in self.workers)
+        if orderly:
             try:
                 broadcast_stop(self.device)
             except Exception:   # a worker died meanwhile: terminate below
-                pass
+                orderly = False
         for w in self.workers:
-            w.join(_JOIN_TIMEOUT_S)
+            if orderly:
+                w.join(_JOIN_TIMEOUT_S)
             if w.is_alive():
                 w.terminate()
                 w.join(_JOIN_TIMEOUT_S)

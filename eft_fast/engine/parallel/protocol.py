@@ -37,6 +37,8 @@ def broadcast_step(step: Step) -> None:
     """Rank 0: send ``step`` to every rank."""
     t, (s, w) = step.input_ids.numel(), step.block_tables.shape
     keep = step.logits_to_keep
+    if isinstance(keep, int) and keep != 0:
+        raise ValueError(f"logits_to_keep must be 0 (every row) or a tensor of row indices, got {keep}")
     keep_len = -1 if isinstance(keep, int) else keep.numel()
     device = step.input_ids.device
     header = torch.tensor([OP_FORWARD, t, s, w, step.max_query_len,

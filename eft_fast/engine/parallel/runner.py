@@ -31,3 +31,6 @@ class TensorParallelRunner(ModelRunner):
             return super().run_model(input_ids, positions, metadata, logits_to_keep)
         except Exception as e:   # after the broadcast the ranks' collectives no longer pair up
             raise self.group.fail(e) from e
+        except BaseException as e:   # interrupted mid-forward: the group is just as unusable
+            self.group.fail(e)
+            raise
