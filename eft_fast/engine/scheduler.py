@@ -72,6 +72,10 @@ class Scheduler:
     def finish(self, request: Request) -> None:
         """Free a finished (or failed) request's blocks and drop it from the queues."""
         self._release(request)
+        self._drop(request)
+
+    def _drop(self, request: Request) -> None:
+        """Take a finished request out of its queue."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
@@ -88,11 +92,7 @@ class Scheduler:
         for request in victims:
             for table in request.tables:
                 table.blocks, table.num_tokens = [], 0
-            if request in self.running:
-                self.running.remove(request)
-            if request in self.waiting:
-                self.waiting.remove(request)
-            request.status = RequestStatus.FINISHED
+            self._drop(request)
         live = self.running + list(self.waiting)
         for m, runner in enumerate(self.runners):
             runner.blocks.rebuild([r.tables[m] for r in live])
