@@ -131,6 +131,32 @@ def test_plain_format_on_chat_tokenizer(saved):
     assert encode_prompt("hello world", saved["chat"], "plain") == saved["base"]("hello world").input_ids
 
 
+def test_conversations_use_the_chat_template_or_a_transcript(saved):
+    chat, base = saved["chat"], saved["base"]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "why?"}]
+    expected = chat.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert encode_prompt(messages, chat) == list(expected)
+    assert base.decode(encode_prompt(messages, base)[1:]) == \
+        "System: be brief\n\nUser: hi\n\nAssistant: hello\n\nUser: why?\n\nAssistant:"
+    # a lone user message is its text for a base model, as a text prompt is
+    assert encode_prompt([{"role": "user", "content": "hello world"}], base) == encode_prompt("hello world", base)
+    assert encode_prompt([{"role": "user", "content": "x"}], base, "Q: {prompt}") == encode_prompt("Q: x", base)
+
+
+@pytest.mark.parametrize("messages,error,match", [
+    ([{"role": "robot", "content": "hi"}], ValueError, r"messages\[0\]\.role"),
+    ([{"role": "user", "content": "ok"}, {"role": "user", "content": 3}], TypeError, r"messages\[1\]\.content"),
+    ([{"role": "user"}], TypeError, r"messages\[0\]\.content"),
+    ([{"role": "user", "content": "ok"}, "text"], TypeError, r"messages\[1\] must be a dict"),
+])
+def test_bad_conversations(messages, error, match):
+    from eft_fast.engine.tokenization import check_messages
+
+    with pytest.raises(error, match=match):
+        check_messages(messages)
+
+
 def test_chat_format_needs_a_template(saved):
     with pytest.raises(ValueError, match=r"knowledge: prompt format 'chat' needs a tokenizer with a chat_template"):
         encode_prompt("hi", saved["base"], "chat", role="knowledge")

@@ -7,7 +7,7 @@ import torch
 from .config import EngineConfig
 from .model_runner import ModelRunner, SequenceStep
 from .request import Request
-from .sampler import Roles, sample
+from .sampler import Roles, TokensOut, sample
 from .speculative import SpeculativeDecoder, draft_lengths
 from .static_step import StaticStep
 
@@ -30,10 +30,10 @@ class Decoder:
         return sample(self.roles, logits, rows, positions, vocab_size=self.vocab_size, backend=self.config.backend,
                       **kw)
 
-    def decode_round(self, requests: list[Request]) -> list[tuple[list[int], list[float], str | None]]:
+    def decode_round(self, requests: list[Request]) -> list[TokensOut]:
         """One round: speculative when configured (and there is room for drafts), else plain.
 
-        Returns (new tokens, their logprobs, error or None) per request.
+        Returns the new tokens (their logprobs, top alternatives, error) per request.
         """
         if self.speculative is not None:
             k, own = draft_lengths(requests, self.runners, self.speculative.k)
@@ -42,7 +42,7 @@ class Decoder:
         return self.plain_round(requests)
 
     @torch.inference_mode()
-    def plain_round(self, requests: list[Request]) -> list[tuple[list[int], list[float], str | None]]:
+    def plain_round(self, requests: list[Request]) -> list[TokensOut]:
         """One token per request: every model reads its pending token; one fused sample."""
         logits = {m: self.decode_steps[m].forward([SequenceStep(r.tables[m], r.pending_tokens(m)) for r in requests])
                   for m in range(len(self.runners))}

@@ -27,11 +27,12 @@ from .loading import parse_device
 from .parallel import TensorParallelGroup, TensorParallelRunner, check_tensor_parallel
 from .parallel.group import ShardSpec, TensorParallelError, launched_rank
 from .parallel.worker import run_launched_worker
-from .model_runner import ModelRunner, SequenceStep
+from .model_runner import ModelRunner
 from .models import EngineModels, _as_list, check_roles
 from .outputs import RequestMetrics, RequestOutput, StreamDelta
 from .request import Request
-from .sampler import sample
+from .prompt_scoring import prefill_logits, score_prompt
+from .sampler import TokensOut, sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
 from .tokenization import IncrementalDetokenizer, check_prompt, encode_prompt, find_stop
@@ -177,6 +178,9 @@ class EFTEngine:
             bad = [t for t in ids if not 0 <= t < self.models.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.models.vocab_size})")
+        if params.prompt_logprobs is not None and any(ids != prompt_ids[0] for ids in prompt_ids):
+            raise ValueError("params.prompt_logprobs scores the prompt under the EFT distribution, so every model "
+                             "must see the same prompt tokens; give token ids, or use one plain prompt_format")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         request = Request(self._next_id, prompt, params, seed, prompt_ids,
                           position_offset=len(prompt_ids[self.roles.tuned[0]]),
@@ -285,11 +289,11 @@ class EFTEngine:
                     new_tokens = self._prefill(scheduled.requests)
                 else:
                     new_tokens = self.decoder.decode_round(scheduled.requests)
-                for request, (tokens, logprobs, error) in zip(scheduled.requests, new_tokens):
-                    if error:
-                        self._fail(request, error)
+                for request, out in zip(scheduled.requests, new_tokens):
+                    if out.error:
+                        self._fail(request, out.error)
                     else:
-                        self._append(request, tokens, logprobs)
+                        self._append(request, out)
         except TensorParallelError as exc:   # the group is gone: no later step can run
             self._abort_step(scheduled, exc)
             self._ended = touched + self._ended
@@ -347,23 +351,33 @@ class EFTEngine:
             self._ended.append(request)
 
     @torch.inference_mode()
-    def _prefill(self, requests: list[Request]):
-        """Every model reads each request's uncached tokens; one token is sampled per request."""
-        logits = {}
-        for m, runner in enumerate(self.runners):
-            logits[m] = runner.forward([SequenceStep(r.tables[m], r.pending_tokens(m)) for r in requests])
-        return sample(self.roles, logits, requests, [r.next_position for r in requests],
+    def _prefill(self, requests: list[Request]) -> list[TokensOut]:
+        """Every model reads each request's uncached tokens; one token is sampled per request.
+        Requests that ask for prompt_logprobs have their prompt scored too (a request whose
+        scoring fails ends with the error; its batch mates go on)."""
+        logits, prompt_rows = prefill_logits(self.runners, requests)
+        outs = sample(self.roles, logits, requests, [r.next_position for r in requests],
                       vocab_size=self.models.vocab_size, backend=self.config.backend).per_request()
+        for i, rows in prompt_rows.items():
+            try:
+                requests[i].prompt_logprobs = score_prompt(self.roles, rows, requests[i],
+                                                           vocab_size=self.models.vocab_size,
+                                                           backend=self.config.backend)
+            except ValueError as e:
+                outs[i] = outs[i]._replace(error=str(e))
+        return outs
 
-    def _append(self, request: Request, tokens: list[int], logprobs: list[float]) -> None:
+    def _append(self, request: Request, out: TokensOut) -> None:
         """Add generated tokens, stopping at EOS, a stop token, a stop string, max_tokens or
         the context limit (tokens after the stop are dropped)."""
         params = request.params
         if request.first_token_time is None:
             request.first_token_time = time.perf_counter()
-        for token, logprob in zip(tokens, logprobs):
+        for token, logprob, top in zip(out.tokens, out.logprobs, out.top):
             request.output_ids.append(token)
             request.logprobs.append(logprob)
+            if params.logprobs is not None:
+                request.top_logprobs.append(top)
             if token in self.models.eos_token_ids and not params.ignore_eos:
                 return self._finish(request, "eos")
             if self._push_text(request, token):
@@ -408,7 +422,9 @@ class EFTEngine:
         end = max(request.streamed_chars, len(request.text) - hold)
         delta = StreamDelta(request.request_id, request.output_ids[reported:], request.text[request.streamed_chars:end],
                             finished=request.finished, finish_reason=request.finish_reason,
-                            logprobs=request.logprobs[reported:])
+                            logprobs=request.logprobs[reported:], top_logprobs=request.top_logprobs[reported:],
+                            prompt_logprobs=request.prompt_logprobs if reported == 0 else None,
+                            error=request.error if request.finished else None)
         request.reported_tokens = len(request.output_ids)
         request.streamed_chars = end
         request.final_reported = request.finished
@@ -515,7 +531,8 @@ class EFTEngine:
         request = self._requests.pop(request_id) if pop else self._requests[request_id]
         return RequestOutput(request.request_id, request.prompt, list(request.output_ids), request.text,
                              list(request.logprobs), request.finish_reason, self._metrics(request),
-                             error=request.error)
+                             error=request.error, top_logprobs=list(request.top_logprobs),
+                             prompt_logprobs=request.prompt_logprobs)
 
     def stats(self) -> dict:
         """What the engine holds now, and counters since it was built.

@@ -7,6 +7,8 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length", "eos", "error", "abort"]
 FINISH_REASONS = ("stop", "length", "eos", "error", "abort")
+TopLogprobs = list[tuple[int, float]]          # (token id, log-probability), most likely first
+PromptLogprob = tuple[float, TopLogprobs]       # a prompt token's log-probability and the top alternatives
 
 
 def _check_finish_reason(reason) -> None:
@@ -65,6 +67,11 @@ class RequestOutput:
             (``EFTEngine.abort``, a closed stream or an interrupted step), or None while unfinished.
         metrics: counts and timings.
         error: why the request failed (finish_reason "error") or was interrupted, else None.
+        top_logprobs: with ``SamplingParams.logprobs = N``, per generated token the N most likely
+            tokens of the untempered EFT distribution at its position; else [].
+        prompt_logprobs: with ``SamplingParams.prompt_logprobs = N``, per prompt token None (the
+            first) or (its log-probability, the N most likely tokens) under the EFT distribution
+            given the tokens before it; else None.
     """
 
     request_id: int
@@ -75,6 +82,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     error: str | None = None
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     def __post_init__(self):
         _check_finish_reason(self.finish_reason)
@@ -96,6 +105,10 @@ class StreamDelta:
         finished: True on the request's last delta.
         finish_reason: as in :class:`RequestOutput`, set when finished.
         logprobs: log-probabilities of the new tokens.
+        top_logprobs: the top alternatives at each new token (with ``SamplingParams.logprobs``).
+        prompt_logprobs: the prompt's scores (with ``SamplingParams.prompt_logprobs``), in the
+            request's first delta only.
+        error: why the request failed, on its last delta (finish_reason "error").
     """
 
     request_id: int
@@ -104,6 +117,9 @@ class StreamDelta:
     finished: bool = False
     finish_reason: FinishReason | None = None
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
+    error: str | None = None
 
     def __post_init__(self):
         _check_finish_reason(self.finish_reason)

@@ -36,6 +36,8 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)    # per output token, when params.logprobs is set
+    prompt_logprobs: list | None = None  # per prompt token, when params.prompt_logprobs is set (after prefill)
     text: str = ""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
@@ -63,6 +65,11 @@ class Request:
         if done >= len(prompt):
             return self.output_ids[done - len(prompt):]
         return prompt[done:] + self.output_ids
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """The prompt still has to be scored (at the request's first prefill)."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
 
     def has_news(self) -> bool:
         """Whether a stream delta would hand out anything: new tokens, or the finish."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -51,17 +52,45 @@ def needs_reference(roles: Roles, requests: list[Request]) -> bool:
     return any(r.params.reward_weights is not None and tuple(r.params.reward_weights) != (1.0,) for r in requests)
 
 
+TopLogprobs = list[tuple[int, float]]   # (token id, log-probability), most likely first
+
+
+class TokensOut(NamedTuple):
+    """What a step gives one request: new tokens, their EFT log-probabilities, the top
+    alternatives at each token's position (None where the request did not ask), and the
+    error that ended the request (None if it did not fail)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    error: str | None
+    top: list[TopLogprobs | None]
+
+
+def top_logprobs(row_logprobs: torch.Tensor, counts: list[int | None]) -> list[TopLogprobs | None]:
+    """The ``counts[i]`` most likely tokens of each row of ``row_logprobs`` [N, V] (one top-k
+    and one copy to the host for the whole batch); None for rows whose count is None."""
+    k = max((c for c in counts if c is not None), default=0)
+    if k == 0:
+        return [None if c is None else [] for c in counts]
+    values, ids = row_logprobs.topk(min(k, row_logprobs.shape[-1]), dim=-1)
+    values, ids = values.float().cpu().tolist(), ids.cpu().tolist()
+    return [None if c is None else list(zip(ids[i][:c], values[i][:c])) for i, c in enumerate(counts)]
+
+
 @dataclass
 class SampleResult:
     """tokens [N] int64, logprobs [N] fp32, status [N] int32 (0 = ok), all on the CPU,
-    and, if asked for, row_logprobs [N, V] fp32 (log softmax of the sampled-from scores).
-    ``errors`` holds the op's message for rows with status ROW_REJECTED."""
+    and, if asked for, row_logprobs [N, V] fp32 (log softmax of the untempered EFT scores).
+    ``errors`` holds the op's message for rows with status ROW_REJECTED. ``top[i]``: the
+    alternatives row i's request asked for with ``SamplingParams.logprobs`` (None if it did not).
+    """
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
     status: torch.Tensor
     row_logprobs: torch.Tensor | None = None
     errors: dict[int, str] = field(default_factory=dict)
+    top: list[TopLogprobs | None] | None = None
 
     def error(self, row: int) -> str | None:
         """Why row ``row`` failed, or None if it was sampled."""
@@ -70,14 +99,18 @@ class SampleResult:
             return None
         return self.errors.get(row) or _ROW_MESSAGES.get(status, f"sampling failed (status {status})")
 
-    def per_request(self) -> list[tuple[list[int], list[float], str | None]]:
-        """One row per request: ([token], [logprob], error or None) each, as decode rounds return them."""
-        return [([int(t)], [float(lp)], self.error(i)) for i, (t, lp) in enumerate(zip(self.tokens, self.logprobs))]
+    def top_at(self, row: int) -> TopLogprobs | None:
+        return None if self.top is None else self.top[row]
+
+    def per_request(self) -> list[TokensOut]:
+        """One row per request, as decode rounds return them."""
+        return [TokensOut([int(t)], [float(lp)], self.error(i), [self.top_at(i)])
+                for i, (t, lp) in enumerate(zip(self.tokens, self.logprobs))]
 
 
 def sample(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], positions: list[int], *,
            vocab_size: int, backend: str, draft: bool = False, need_reference: bool = True,
-           return_row_logprobs: bool = False) -> SampleResult:
+           return_row_logprobs: bool = False, with_top: bool = True) -> SampleResult:
     """One fused ``eft_sample`` call over N rows.
 
     Args:
@@ -91,13 +124,26 @@ def sample(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], p
     it still reject one (a ValueError / TypeError from its argument checks), the rows are
     sampled again request by request, and only the rejected request's rows fail (status
     ROW_REJECTED, the op's message in ``errors``): one request never fails its batch mates.
+
+    Outside draft mode (and unless ``with_top`` is False), rows whose request asks for
+    ``SamplingParams.logprobs`` get their top alternatives in ``SampleResult.top`` (read from
+    the row log-probabilities).
     """
     kw = dict(vocab_size=vocab_size, draft=draft, need_reference=need_reference)
+    counts = [None if draft or not with_top else r.params.logprobs for r in rows]
+    want_top = any(c is not None for c in counts)
+    with_rows = return_row_logprobs or want_top
     try:
         inputs = _op_inputs(roles, logits, rows, positions, **kw)
     except _REJECTED:
-        return _sample_each_request(roles, logits, rows, positions, backend, return_row_logprobs, **kw)
-    return _run(inputs, backend, return_row_logprobs)
+        result = _sample_each_request(roles, logits, rows, positions, backend, with_rows, **kw)
+    else:
+        result = _run(inputs, backend, with_rows)
+    if want_top:
+        result.top = top_logprobs(result.row_logprobs, counts)
+        if not return_row_logprobs:
+            result.row_logprobs = None
+    return result
 
 
 _REJECTED = (ValueError, TypeError)   # what the op's argument checks (and _column) raise

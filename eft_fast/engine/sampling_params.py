@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 _SEED_LIMIT = 2**63
 _INT64_LIMIT = 2**63
+MAX_LOGPROBS = 20   # most alternatives per token that logprobs / prompt_logprobs may ask for
 
 
 def _as_float32(value: float) -> float:
@@ -78,6 +79,13 @@ class SamplingParams:
             Normalised to a tuple (None -> ()).
         stop_token_ids: ids that end generation (kept in the output, like EOS). Normalised to a tuple.
         ignore_eos: keep generating past EOS (until max_tokens or a stop).
+        logprobs: None, or N in [0, 20]: with every generated token also return the N most
+            likely tokens of the untempered EFT distribution at its position, with their
+            log-probabilities (the sampled token's own log-probability is always returned).
+        prompt_logprobs: None, or N in [0, 20]: also score the prompt: the log-probability of
+            every prompt token but the first under the EFT distribution given the tokens before
+            it, and the N most likely alternatives. Needs every model to see the same prompt
+            tokens (token-id prompts, or one plain format for all models).
     """
 
     max_tokens: int = 128
@@ -90,6 +98,8 @@ class SamplingParams:
     stop: tuple[str, ...] | str | None = None
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def put(name, value):  # the dataclass is frozen
@@ -133,3 +143,11 @@ class SamplingParams:
 
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
+
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _int(name, value, minimum=0)
+                if value > MAX_LOGPROBS:
+                    raise ValueError(f"{name} must be <= {MAX_LOGPROBS}, got {_short(value)}")
+                put(name, value)

@@ -29,7 +29,7 @@ from ..reference import sampling_log_probs
 from .config import EngineConfig
 from .model_runner import ModelRunner, SequenceStep
 from .request import Request
-from .sampler import ROW_REJECTED, Roles, needs_reference, sample
+from .sampler import ROW_REJECTED, Roles, TokensOut, needs_reference, sample
 from .sampling_params import SamplingParams
 from .static_step import StaticStep
 
@@ -88,10 +88,9 @@ class SpeculativeDecoder:
         return sample(self.roles, logits, rows, positions, vocab_size=self.vocab_size, backend=self.backend, **kw)
 
     @torch.inference_mode()
-    def round(self, requests: list[Request], k: int, own: list[int]
-              ) -> list[tuple[list[int], list[float], str | None]]:
+    def round(self, requests: list[Request], k: int, own: list[int]) -> list[TokensOut]:
         """One round of k >= 1 draft steps; request b accepts at most ``own[b]`` <= k drafts
-        (see :func:`draft_lengths`). Returns (emitted tokens, logprobs, error or None) per request."""
+        (see :func:`draft_lengths`). Returns the emitted tokens of each request."""
         roles, rejection = self.roles, self.accept == "rejection"
         need_ref = needs_reference(roles, requests)
         draft_models = roles.small_models(need_ref)
@@ -163,7 +162,8 @@ class SpeculativeDecoder:
             self.proposed += own[b]
             self.accepted += a
             self.rounds += 1
-            results.append((tokens, logprobs, error))
+            top = [res.top_at(b * (k + 1) + j) for j in range(a + 1)]   # the EFT distribution at each emitted position
+            results.append(TokensOut(tokens, logprobs, error, top))
         return results
 
     def _rejection(self, requests, rows, positions, drafts, targets, z_logprobs, draft_logprobs, k, own_len,

@@ -12,7 +12,7 @@ import operator
 import re
 import weakref
 from dataclasses import dataclass
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Mapping as MappingABC, Sequence as SequenceABC
 from typing import Callable, Mapping, Sequence
 
 _MAX_SHOWN_DIFFS = 5
@@ -89,16 +89,55 @@ def check_same_vocabulary(tokenizers: Mapping[str, object], vocab_sizes: Mapping
 # ---------------------------------------------------------------- prompt formats
 
 
+Messages = list[dict[str, str]]   # a conversation: [{"role": "user", "content": "..."}, ...]
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+def is_messages(prompt) -> bool:
+    """Whether ``prompt`` is a conversation (a non-empty list of role/content mappings)."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, MappingABC) for m in prompt)
+
+
+def check_messages(messages) -> Messages:
+    """A conversation as the engine takes it: each message a mapping with "role" (system, user
+    or assistant) and "content" (a str); returns plain dicts. TypeError / ValueError name the
+    message at fault."""
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, MappingABC):
+            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in MESSAGE_ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {MESSAGE_ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise TypeError(f"messages[{i}].content must be a str, got {type(content).__name__}")
+        out.append({"role": role, "content": check_prompt(content)})
+    if not out:
+        raise ValueError("messages is empty")
+    return out
+
+
+def transcript(messages: Messages) -> str:
+    """A conversation as plain text, for a model without a chat template: a lone user message
+    is its content; otherwise "Role: content" paragraphs ending with "Assistant:"."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join(turns + ["Assistant:"])
+
+
 @dataclass(frozen=True)
 class PromptFormat:
-    """How one model sees a text prompt.
+    """How one model sees a text prompt or a conversation.
 
     kind:
         "auto"     -> "chat" if the tokenizer has a chat template, else "plain" (the default);
-        "chat"     -> ``apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)``;
-        "plain"    -> the raw text, encoded with the tokenizer's own special tokens (BOS if it adds one);
-        "template" -> ``template`` with every "{prompt}" replaced by the prompt, then as "plain";
-        "callable" -> ``fn(prompt)``, then as "plain".
+        "chat"     -> ``apply_chat_template(messages, add_generation_prompt=True)``, where a text
+                      prompt is one user message;
+        "plain"    -> the raw text (a conversation: its :func:`transcript`), encoded with the
+                      tokenizer's own special tokens (BOS if it adds one);
+        "template" -> ``template`` with every "{prompt}" replaced by the text, then as "plain";
+        "callable" -> ``fn(text)``, then as "plain".
     Token-id prompts ignore the format: they are given to every model as they are.
     """
 
@@ -141,14 +180,16 @@ class PromptFormat:
             return self.kind
         return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
-    def render(self, prompt: str, tokenizer) -> str:
+    def render(self, prompt: str | Messages, tokenizer) -> str:
         """The text this model sees (for "chat", the rendered chat template)."""
         kind = self.resolved_kind(tokenizer)
         if kind == "chat":
             if not getattr(tokenizer, "chat_template", None):
                 raise ValueError("prompt format 'chat' needs a tokenizer with a chat_template")
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                 add_generation_prompt=True, tokenize=False)
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if not isinstance(prompt, str):
+            prompt = transcript(prompt)
         if kind == "template":
             return self.template.replace("{prompt}", prompt)
         if kind == "callable":
@@ -158,7 +199,7 @@ class PromptFormat:
             return text
         return prompt
 
-    def encode(self, prompt: str, tokenizer) -> list[int]:
+    def encode(self, prompt: str | Messages, tokenizer) -> list[int]:
         text = self.render(prompt, tokenizer)
         # A rendered chat template already holds its special tokens (BOS included, where the
         # template has one); every other format gets them from the tokenizer.
@@ -185,9 +226,10 @@ def _check_token_ids(ids, tokenizer, role: str | None) -> list[int]:
 
 
 def check_prompt(prompt) -> str | list:
-    """A prompt as the engine takes it: a str, or token ids (a list, tuple or other sequence,
-    or a 1-D tensor / array) as a list. Raises TypeError for anything else (None, bytes, a
-    number, a dict) and ValueError for text that is not valid Unicode (a lone surrogate)."""
+    """A prompt as the engine takes it: a str, a conversation (a list of {"role", "content"}
+    dicts, see :func:`check_messages`), or token ids (a list, tuple or other sequence, or a
+    1-D tensor / array) as a list. Raises TypeError for anything else (None, bytes, a number,
+    a dict) and ValueError for text that is not valid Unicode (a lone surrogate)."""
     if isinstance(prompt, str):
         try:
             prompt.encode("utf-8")
@@ -200,22 +242,26 @@ def check_prompt(prompt) -> str | list:
                         "(decode bytes to text first, e.g. prompt.decode('utf-8'))")
     if hasattr(prompt, "tolist") and getattr(prompt, "ndim", None) == 1:   # a 1-D tensor or array of ids
         return prompt.tolist()
+    if is_messages(prompt):
+        return check_messages(prompt)
     if isinstance(prompt, SequenceABC):
         return list(prompt)
     raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
 
 
-def encode_prompt(prompt: str | Sequence[int], tokenizer, fmt=None, *, role: str | None = None) -> list[int]:
+def encode_prompt(prompt: str | Messages | Sequence[int], tokenizer, fmt=None, *, role: str | None = None
+                  ) -> list[int]:
     """One model's prompt token ids.
 
     Args:
-        prompt: text, or token ids (a list / tuple of ints) used as given for every model.
+        prompt: text, a conversation (checked by :func:`check_messages`), or token ids (a list /
+            tuple of ints) used as given for every model.
         tokenizer: that model's tokenizer (may be None for token-id prompts).
         fmt: a :class:`PromptFormat` or anything :meth:`PromptFormat.from_spec` takes (None = "auto").
         role: the model's role, used in error messages.
     """
     where = f"{role}: " if role else ""
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) or is_messages(prompt):
         if tokenizer is None:
             raise ValueError(f"{where}a text prompt needs a tokenizer; pass tokenizer=... or token ids")
         try:
