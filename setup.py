@@ -157,7 +157,8 @@ def _install_requires():
 
 
 setup(
-    packages=["eft_fast", "eft_fast.bench", "eft_fast.engine", "eft_fast.engine.parallel", "eft_fast.kernels"],
+    packages=["eft_fast", "eft_fast.bench", "eft_fast.engine", "eft_fast.engine.parallel", "eft_fast.kernels",
+              "eft_fast.serve"],
     package_dir={"eft_fast": "eft_fast", "eft_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("eft_fast._C"), CMakeExtension("eft_fast._build_info")],
     cmdclass={"build_ext": CMakeBuild},

@@ -1,4 +1,4 @@
-"""The `eft-fast` command line: info, sample (a demo of the fused op), generate, bench."""
+"""The `eft-fast` command line: info, sample (a demo of the fused op), generate, serve, bench."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .cli_generate import add_generate_parser
+from .serve.cli import add_serve_parser
 
 
 def _cmd_info(args) -> int:
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sample.set_defaults(func=_cmd_sample)
 
     add_generate_parser(sub)
+    add_serve_parser(sub)
 
     p_bench = sub.add_parser(
         "bench", help="benchmarks (table + JSON): the engine (default) or the fused op (--op)",

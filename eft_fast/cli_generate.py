@@ -9,35 +9,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli_engine import (UsageError, add_engine_arguments, add_model_arguments, build_engine, check_device, name_flag,
+                         one_line)
+
 SEED_LIMIT = 2**63
-
-# Option names of the SamplingParams / EngineConfig fields whose errors the CLI passes on.
-_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
-          "weight_top_p": "--weight-top-p", "reward_weights": "--reward-weights", "seed": "--seed",
-          "stop": "--stop", "speculative_k": "--speculative-k", "block_size": "--block-size",
-          "max_num_seqs": "--max-num-seqs", "dtype": "--dtype", "device": "--device",
-          "tensor_parallel_size": "--tensor-parallel-size"}
-_LEADING_NAME = re.compile(r"^([a-z_]+)\b")
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
 
 
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate with an EFT engine; one JSON line per prompt",
                        description="Generate from knowledge + (tuned - reference). Models are HF ids, local "
                                    "directories or .gguf files. Give one model alone to sample it by itself.")
-    p.add_argument("--knowledge", help="the pre-trained model whose knowledge is used (e.g. the large base)")
-    p.add_argument("--tuned", action="append", help="the fine-tuned model (repeat for reward interpolation)")
-    p.add_argument("--reference", action="append", help="the tuned model's base (one shared, or one per --tuned)")
-    p.add_argument("--tokenizer", help="tokenizer to use for every model (default: each model's own)")
+    add_model_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompts-file",
@@ -54,18 +41,7 @@ def add_generate_parser(sub) -> None:
                         "must be below 2**63 (default: random)")
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--speculative-k", type=int, default=0)
-    p.add_argument("--accept", default="exact", choices=["exact", "rejection"])
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64 (default: as stored)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cpu)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="shard the knowledge model over N processes (gloo on CPU, one GPU each on CUDA); "
-                        "--knowledge must then be a path or hub id")
-    p.add_argument("--prompt-format", default=None,
-                   help="auto | chat | plain | a string with {prompt}, for every model (default: tuned models "
-                        "use their chat template, base models plain text)")
+    add_engine_arguments(p)
     p.add_argument("--output", "-o",
                    help="JSONL output file (default: stdout). Checked before the models load; its old content "
                         "is replaced once generation starts. Each request's line is written (and flushed) as "
@@ -186,25 +162,7 @@ def _params(args, n: int) -> list:
                                seed=seed, stop=args.stop, ignore_eos=args.ignore_eos)
                 for seed in _seeds(args.seed, n)]
     except (ValueError, TypeError) as e:
-        raise UsageError(_name_flag(str(e))) from None
-
-
-def _name_flag(message: str) -> str:
-    """Replace a leading field name (``top_p must be ...``) by its option (``--top-p must be ...``)."""
-    match = _LEADING_NAME.match(message)
-    if match and match.group(1) in _FLAGS:
-        return _FLAGS[match.group(1)] + message[match.end():]
-    return message
-
-
-def _check_device(device: str | None) -> None:
-    """--device names a torch device, and a CUDA one that this machine has."""
-    from .engine.loading import parse_device
-
-    try:
-        parse_device(device)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"--device: {e}") from None
+        raise UsageError(name_flag(str(e))) from None
 
 
 # ---------------------------------------------------------------- output
@@ -264,23 +222,6 @@ def _record(o) -> dict:
 # ---------------------------------------------------------------- engine
 
 
-def _build_engine(args):
-    """The EFTEngine of the command line's models and options."""
-    from .engine.engine import EFTEngine
-
-    tuned = args.tuned[0] if args.tuned and len(args.tuned) == 1 else args.tuned
-    reference = args.reference[0] if args.reference and len(args.reference) == 1 else args.reference
-    tokenizer = None
-    if args.tokenizer:
-        from .engine.loading import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer, role="tokenizer")
-    return EFTEngine(knowledge=args.knowledge, tuned=tuned, reference=reference, tokenizer=tokenizer,
-                     dtype=args.dtype, device=args.device, prompt_format=args.prompt_format,
-                     speculative_k=args.speculative_k, accept=args.accept, block_size=args.block_size,
-                     max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size)
-
-
 def _add_requests(engine, prompts: list[Prompt], params: list) -> list[int]:
     """Queue every prompt before any generation, so that a bad prompt fails up front."""
     ids = []
@@ -323,14 +264,8 @@ def _generate(engine, ids: list[int], out: JsonlOutput, progress: bool) -> bool:
     return ok
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one line (the type name when it has none)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
-
-
 def _usage_error(error: BaseException) -> int:
-    print(f"eft-fast generate: error: {_one_line(error)}", file=sys.stderr)
+    print(f"eft-fast generate: error: {one_line(error)}", file=sys.stderr)
     return 2
 
 
@@ -340,7 +275,7 @@ def cmd_generate(args) -> int:
     try:
         prompts = _read_prompts(args)
         params = _params(args, len(prompts))
-        _check_device(args.device)
+        check_device(args.device)
         out = JsonlOutput(args.output)
     except UsageError as e:
         return _usage_error(e)
@@ -348,12 +283,12 @@ def cmd_generate(args) -> int:
     engine = None
     try:
         try:
-            engine = _build_engine(args)
+            engine = build_engine(args)
             ids = _add_requests(engine, prompts, params)
         except UsageError as e:
             return _usage_error(e)
         except (ValueError, TypeError, OSError) as e:     # bad models, options or formats
-            return _usage_error(UsageError(_name_flag(_one_line(e))))
+            return _usage_error(UsageError(name_flag(one_line(e))))
         out.begin()
         generated = True
         try:

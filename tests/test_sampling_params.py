@@ -18,7 +18,8 @@ def test_defaults_match_the_design():
     assert p.stop == () and p.stop_token_ids == ()
     assert [f.name for f in dataclasses.fields(SamplingParams)] == [
         "max_tokens", "temperature", "top_k", "top_p", "weight_top_p", "reward_weights", "seed", "stop",
-        "stop_token_ids", "ignore_eos"]
+        "stop_token_ids", "ignore_eos", "logprobs", "prompt_logprobs"]
+    assert p.logprobs is None and p.prompt_logprobs is None
 
 
 def test_normalisation():

@@ -158,12 +158,15 @@ class EFTEngine:
     def tokenizer(self):
         return self.models.tokenizer
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queue one prompt; returns its request id.
+    def add_request(self, prompt: str | Sequence[int] | list[dict], params: SamplingParams | None = None, *,
+                    strict: bool = False) -> int:
+        """Queue one prompt (text, token ids, or a conversation: a list of {"role", "content"}
+        dicts); returns its request id.
 
         Raises TypeError / ValueError for bad params or a prompt no model can encode. A prompt
-        longer than a model's context does not raise: the request finishes at once with
-        finish_reason "error" and the reason in ``RequestOutput.error``.
+        longer than a model's context does not raise (unless ``strict``: then it is a
+        ValueError naming the prompt): the request finishes at once with finish_reason
+        "error" and the reason in ``RequestOutput.error``.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -181,6 +184,12 @@ class EFTEngine:
         if params.prompt_logprobs is not None and any(ids != prompt_ids[0] for ids in prompt_ids):
             raise ValueError("params.prompt_logprobs scores the prompt under the EFT distribution, so every model "
                              "must see the same prompt tokens; give token ids, or use one plain prompt_format")
+        too_long = [(name, len(ids), r.max_model_len) for name, ids, r in zip(self.models.names, prompt_ids, self.runners)
+                    if len(ids) >= r.max_model_len]
+        if strict and too_long:
+            name, n, limit = too_long[0]
+            raise ValueError(f"prompt: it has {n} tokens for the {name} model, whose context holds {limit} "
+                             f"(room for at least one generated token is needed)")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         request = Request(self._next_id, prompt, params, seed, prompt_ids,
                           position_offset=len(prompt_ids[self.roles.tuned[0]]),
@@ -188,8 +197,6 @@ class EFTEngine:
         self._next_id += 1
         self._requests[request.request_id] = request
         request.detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        too_long = [(name, len(ids), r.max_model_len) for name, ids, r in zip(self.models.names, prompt_ids, self.runners)
-                    if len(ids) >= r.max_model_len]
         if too_long:
             name, n, limit = too_long[0]
             self._fail(request, f"the prompt has {n} tokens for the {name} model, whose context holds {limit} "
@@ -424,7 +431,8 @@ class EFTEngine:
                             finished=request.finished, finish_reason=request.finish_reason,
                             logprobs=request.logprobs[reported:], top_logprobs=request.top_logprobs[reported:],
                             prompt_logprobs=request.prompt_logprobs if reported == 0 else None,
-                            error=request.error if request.finished else None)
+                            error=request.error if request.finished else None,
+                            metrics=self._metrics(request) if request.finished else None)
         request.reported_tokens = len(request.output_ids)
         request.streamed_chars = end
         request.final_reported = request.finished

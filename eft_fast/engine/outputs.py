@@ -109,6 +109,7 @@ class StreamDelta:
         prompt_logprobs: the prompt's scores (with ``SamplingParams.prompt_logprobs``), in the
             request's first delta only.
         error: why the request failed, on its last delta (finish_reason "error").
+        metrics: the request's counts and timings, on its last delta.
     """
 
     request_id: int
@@ -120,6 +121,7 @@ class StreamDelta:
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprob | None] | None = None
     error: str | None = None
+    metrics: RequestMetrics | None = None
 
     def __post_init__(self):
         _check_finish_reason(self.finish_reason)

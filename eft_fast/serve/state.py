@@ -1,0 +1,103 @@
+"""What every endpoint of one server shares, and the steps the two generation endpoints share:
+queueing the choices (errors mapped to HTTP statuses), the non-streaming wait, and the end of a
+choice (its finish reason or error)."""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from ..engine.async_engine import AsyncEFTEngine, EngineDeadError, EngineOverloadedError, RequestStream
+from .errors import APIError
+from .protocol import MAX_CHOICES
+from .responses import FINISH_REASONS, TokenText, now
+from .runs import Choice, abort_on_disconnect, merged_deltas, start_choices
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEFTEngine
+    model_name: str
+    api_key: str | None = None
+    created: int = field(default_factory=now)
+    token_text: TokenText = None
+    shutting_down: bool = False
+
+    def __post_init__(self):
+        if self.engine.tokenizer is None:
+            raise ValueError("the server needs an engine with a tokenizer (pass tokenizer=...)")
+        self.token_text = TokenText(self.engine.tokenizer)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return min(r.max_model_len for r in self.engine.engine.runners)
+
+    def primary_prompt_tokens(self, prompt: dict[str, int] | int) -> int:
+        """A prompt's length (per role, as in RequestMetrics.prompt_tokens) as the tuned model,
+        the one a chat template formats, saw it."""
+        if not isinstance(prompt, dict):
+            return prompt
+        engine = self.engine.engine
+        return prompt[engine.models.names[engine.roles.tuned[0]]]
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def check_choices(count: int) -> None:
+    if count > MAX_CHOICES:
+        raise APIError(400, f"n times the number of prompts is {count}; at most {MAX_CHOICES} completions per request",
+                       param="n")
+
+
+async def start(state: ServerState, choices: list[Choice], fields: set[str]) -> list[RequestStream]:
+    """Queue every choice; a refused one is a 400 (bad input), or 503 (overloaded, shutting down)."""
+    if state.shutting_down:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    try:
+        return await start_choices(state.engine, choices)
+    except (TypeError, ValueError) as exc:
+        raise APIError.from_value_error(exc, fields) from None
+    except EngineOverloadedError as exc:
+        raise APIError(503, f"the server is overloaded: {exc}; retry later", code="overloaded",
+                       headers={"Retry-After": "1"}) from None
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc), code="engine_stopped") from None
+
+
+async def run_to_end(request: Request, streams: list[RequestStream], choices: list[Choice]) -> bool:
+    """Feed every delta to its choice until all finished; False if the client left first."""
+    async def work():
+        async for i, delta in merged_deltas(streams):
+            choices[i].absorb(delta)
+        return True
+
+    try:
+        return bool(await abort_on_disconnect(request, work()))
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc), code="engine_stopped") from None
+
+
+def choice_failure(choice: Choice) -> APIError | None:
+    """The error that ended a choice, or None if it finished normally. An abort that reaches a
+    client still connected comes from a shutdown."""
+    if choice.finish_reason == "error":
+        return APIError(500, f"generation failed: {choice.error}", code="generation_error")
+    if choice.finish_reason == "abort":
+        return APIError(503, "the server is shutting down; the request was ended", code="shutting_down")
+    return None
+
+
+def openai_finish_reason(choice: Choice) -> str:
+    return FINISH_REASONS.get(choice.finish_reason, choice.finish_reason)

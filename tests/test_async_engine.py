@@ -1,0 +1,161 @@
+"""AsyncEFTEngine: many coroutines over one engine thread; aborts, errors and shutdown."""
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+import pytest
+
+import eft_fast
+from eft_fast.engine.async_engine import AsyncEFTEngine, EngineDeadError, EngineOverloadedError
+from engine_helpers import RaiseOnCall, random_requests, tiny_engine
+
+TIMEOUT_S = 120
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, TIMEOUT_S))
+
+
+@pytest.fixture
+def engine(family):
+    async_engine = AsyncEFTEngine(tiny_engine(family, speculative_k=2, max_num_seqs=8))
+    yield async_engine
+    async_engine.shutdown()
+
+
+async def collect(async_engine, prompt, params):
+    deltas = [d async for d in async_engine.generate(prompt, params)]
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas), deltas[-1]
+
+
+def assert_idle(async_engine):
+    stats = async_engine.engine.stats()
+    assert stats["num_requests_running"] == stats["num_requests_waiting"] == stats["num_requests_unclaimed"] == 0
+    assert not any(stats["kv_blocks_used"].values())
+    assert not async_engine.engine._requests
+
+
+def test_concurrent_requests_match_generate(family, rng, engine):
+    prompts, params = random_requests(rng, 12, max_tokens=9)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, sp) for p, sp in zip(prompts, params)))
+
+    results = run(main())
+    expected = tiny_engine(family).generate(prompts, params)
+    for (tokens, _, last), want in zip(results, expected):
+        assert tokens == want.token_ids
+        assert last.finish_reason == want.finish_reason
+        assert last.metrics.generated_tokens == len(want.token_ids)
+    stats = engine.stats()
+    assert stats["generation_tokens_total"] == sum(len(w.token_ids) for w in expected)
+    assert stats["requests_finished_total"] == 12 and stats["prompt_tokens_total"] == sum(map(len, prompts))
+    assert_idle(engine)
+
+
+def test_leaving_early_aborts_and_frees_blocks(rng, engine):
+    prompts, params = random_requests(rng, 6, max_tokens=40)
+
+    async def leave_after(prompt, sp, n):
+        async with aclosing(engine.generate(prompt, sp)) as deltas:
+            seen = 0
+            async for _ in deltas:
+                seen += 1
+                if seen == n:
+                    return "left"
+        return "finished"
+
+    async def cancelled(prompt, sp):
+        task = asyncio.create_task(collect(engine, prompt, sp))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return "cancelled"
+
+    async def main():
+        outcomes = await asyncio.gather(*(leave_after(p, sp, 2) for p, sp in zip(prompts[:4], params[:4])),
+                                        *(cancelled(p, sp) for p, sp in zip(prompts[4:], params[4:])))
+        # the aborts reach the engine at its next turn: one more request flushes them through
+        await collect(engine, [1, 2, 3], eft_fast.SamplingParams(max_tokens=2))
+        return outcomes
+
+    assert run(main()) == ["left"] * 4 + ["cancelled"] * 2
+    assert_idle(engine)
+
+
+def test_bad_requests_raise_and_others_go_on(engine):
+    async def main():
+        with pytest.raises(ValueError, match="reward_weights"):
+            await collect(engine, [1, 2], eft_fast.SamplingParams(reward_weights=(1.0, 2.0)))
+        with pytest.raises(TypeError, match="prompt"):
+            await collect(engine, None, eft_fast.SamplingParams())
+        return await collect(engine, [1, 2], eft_fast.SamplingParams(max_tokens=3, ignore_eos=True))
+
+    tokens, _, last = run(main())
+    assert len(tokens) == 3 and last.finish_reason == "length"
+    assert_idle(engine)
+
+
+def test_a_failing_step_ends_only_its_requests(rng, engine):
+    prompts, params = random_requests(rng, 3, max_tokens=6)
+    decoder = engine.engine.decoder
+    decoder.decode_round = RaiseOnCall(decoder.decode_round, 1, RuntimeError("boom"))
+
+    async def main():
+        first = await asyncio.gather(*(collect(engine, p, sp) for p, sp in zip(prompts, params)))
+        after = await collect(engine, prompts[0], params[0])
+        return first, after
+
+    first, after = run(main())
+    assert all(last.finish_reason == "error" and "boom" in last.error for _, _, last in first)
+    assert after[2].finish_reason in ("length", "eos")
+    assert_idle(engine)
+
+
+def test_max_waiting_refuses_new_requests(family):
+    engine = AsyncEFTEngine(tiny_engine(family), max_waiting=2)
+    try:
+        async def main():
+            params = eft_fast.SamplingParams(max_tokens=3)
+            gens = [engine.generate([1, 2, 3], params) for _ in range(3)]
+            firsts = [asyncio.ensure_future(anext(g)) for g in gens[:2]]
+            await asyncio.sleep(0)                  # both are queued, neither has a token yet
+            with pytest.raises(EngineOverloadedError, match="max_waiting=2"):
+                await anext(gens[2])
+            await asyncio.gather(*firsts)
+            for g in gens[:2]:
+                async for _ in g:
+                    pass
+            return await collect(engine, [4, 5], params)   # room again
+
+        assert len(run(main())[0]) >= 1
+        assert engine.stats()["num_requests_waiting_first_token"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_requests_and_refuses_new_ones(family):
+    engine = AsyncEFTEngine(tiny_engine(family))
+
+    async def main():
+        params = eft_fast.SamplingParams(max_tokens=10_000, ignore_eos=True)
+        deltas = engine.generate([1, 2, 3], params)
+        await anext(deltas)
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        finish = None
+        try:
+            async for delta in deltas:
+                finish = delta.finish_reason
+        except EngineDeadError:
+            finish = "dead"
+        with pytest.raises(EngineDeadError):
+            await anext(engine.generate([1], params))
+        return finish
+
+    assert run(main()) in ("abort", "dead")
+    assert not engine.is_running
+    assert_idle(engine)
+    engine.shutdown()                                # twice is fine
