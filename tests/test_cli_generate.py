@@ -83,7 +83,7 @@ def test_unwritable_output_fails_before_loading_models(model_dirs, tmp_path, cap
     def no_models(args):
         raise AssertionError("the models were loaded before --output was checked")
 
-    monkeypatch.setattr(cli_generate, "_build_engine", no_models)
+    monkeypatch.setattr(cli_generate, "build_engine", no_models)
     for path in (tmp_path / "no-such-dir" / "out.jsonl", tmp_path):   # a missing folder; a directory
         rc = main(["generate", "--tuned", model_dirs["tuned"], "--prompt", "hi", "-o", str(path)])
         _assert_usage_error(rc, capsys.readouterr().err, "--output", str(path))
