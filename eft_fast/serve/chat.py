@@ -44,7 +44,7 @@ def _choices(state: ServerState, body: ChatCompletionRequest) -> list[Choice]:
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
     choices = _choices(state, body)
-    streams = await start(state, choices, _FIELDS | {"messages"})
+    streams = await start(state, choices, _FIELDS, "messages")
     rid, created = request_id("chatcmpl"), now()
     if body.stream:
         return StreamingResponse(_stream(state, body, choices, streams, rid, created),

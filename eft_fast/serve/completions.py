@@ -103,7 +103,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     state.check_model(body.model)
     choices, prompt_texts = _choices(state, body)
     shaper = _Shaper(state, body, prompt_texts)
-    streams = await start(state, choices, _FIELDS)
+    streams = await start(state, choices, _FIELDS, "prompt")
     rid, created = request_id("cmpl"), now()
     if body.stream:
         return StreamingResponse(_stream(state, body, shaper, choices, streams, rid, created),

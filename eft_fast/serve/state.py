@@ -61,14 +61,18 @@ def check_choices(count: int) -> None:
                        param="n")
 
 
-async def start(state: ServerState, choices: list[Choice], fields: set[str]) -> list[RequestStream]:
-    """Queue every choice; a refused one is a 400 (bad input), or 503 (overloaded, shutting down)."""
+async def start(state: ServerState, choices: list[Choice], fields: set[str], prompt_field: str
+                ) -> list[RequestStream]:
+    """Queue every choice; a refused one is a 400 (bad input: the field its message names, else
+    ``prompt_field``, since the parameters were checked before), or 503 (overloaded, shutting down)."""
     if state.shutting_down:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     try:
         return await start_choices(state.engine, choices)
     except (TypeError, ValueError) as exc:
-        raise APIError.from_value_error(exc, fields) from None
+        error = APIError.from_value_error(exc, fields)
+        error.param = error.param or prompt_field
+        raise error from None
     except EngineOverloadedError as exc:
         raise APIError(503, f"the server is overloaded: {exc}; retry later", code="overloaded",
                        headers={"Retry-After": "1"}) from None
