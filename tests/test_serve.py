@@ -319,3 +319,15 @@ def test_a_client_that_leaves_a_non_streamed_request_aborts_it(server):
     after = wait_idle(server)[f"eft_fast:generation_tokens_total{label}"]
     assert after - before < 480, "the request ran to its end after its client left"
     _check_still_serving(server)
+
+
+def test_serving_benchmark_client(server):
+    from eft_fast.bench.serve_load import run_serving_benchmark
+
+    result = asyncio.run(run_serving_benchmark(server.url, MODEL_NAME, [f"prompt {i}" for i in range(6)],
+                                               num_clients=3, max_tokens=4, api_key=API_KEY, timeout_s=120))
+    assert (result.completed, result.failed, result.total_output_tokens) == (6, 0, 24), result.errors
+    assert 0 < result.ttft_ms["p50"] <= result.e2e_ms["p50"] and result.tpot_ms["mean"] > 0
+    bad = asyncio.run(run_serving_benchmark(server.url, "no-such-model", ["x"], num_clients=1, max_tokens=2,
+                                            api_key=API_KEY, timeout_s=60))
+    assert bad.failed == 1 and "404" in bad.errors[0]

@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from serve_helpers import MODEL_NAME, STOP_TIMEOUT_S, running_server, save_family
+from eft_fast.bench.serve_process import STOP_TIMEOUT_S
+from serve_helpers import MODEL_NAME, running_server, save_family
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
