@@ -331,3 +331,14 @@ def test_serving_benchmark_client(server):
     bad = asyncio.run(run_serving_benchmark(server.url, "no-such-model", ["x"], num_clients=1, max_tokens=2,
                                             api_key=API_KEY, timeout_s=60))
     assert bad.failed == 1 and "404" in bad.errors[0]
+
+
+def test_continuous_usage_stats(client, engine):
+    stream = client.completions.create(model=MODEL_NAME, prompt="Count", max_tokens=5, seed=4, stream=True,
+                                       stream_options={"include_usage": True, "continuous_usage_stats": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 5 and len(counts) >= 2
+    assert all(c.usage.prompt_tokens == len(ids_of(engine, "Count")) for c in chunks)
+    assert not chunks[-1].choices and chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 5
