@@ -58,3 +58,24 @@ def test_sigterm_ends_requests_in_flight_and_exits_0(dirs, tmp_path):
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "shutting_down"
         assert len(events) < 480
+
+
+def test_tensor_parallel_server_answers_like_one_process_and_stops_its_workers(dirs, tmp_path):
+    import psutil
+
+    import eft_fast
+
+    engine = eft_fast.EFTEngine(knowledge=dirs["knowledge"], tuned=dirs["tuned"], reference=dirs["reference"])
+    ids = list(engine.tokenizer("Hello there")["input_ids"])
+    want, = engine.generate([ids], eft_fast.SamplingParams(max_tokens=8, seed=1, ignore_eos=True))
+    with running_server(dirs, tmp_path, "--tensor-parallel-size", "2") as server:
+        workers = psutil.Process(server.process.pid).children(recursive=True)
+        assert workers, "no tensor-parallel worker was started"
+        response = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                              json={"model": MODEL_NAME, "prompt": "Hello there", "max_tokens": 8, "seed": 1,
+                                    "ignore_eos": True})
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == want.text
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(STOP_TIMEOUT_S) == 0
+    gone, alive = psutil.wait_procs(workers, timeout=STOP_TIMEOUT_S)
+    assert not alive, f"workers left behind: {alive}"
