@@ -36,6 +36,8 @@ def add_engine_arguments(p) -> None:
                    help="KV cache budget per model in bytes (default: 1 GiB, at most enough for --max-num-seqs "
                         "full-length sequences)")
     p.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the models' own)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV blocks of repeated prefixes (on by default)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard the knowledge model over N processes (gloo on CPU, one GPU each on CUDA); "
                         "--knowledge must then be a path or hub id")
@@ -59,7 +61,8 @@ def build_engine(args):
                      dtype=args.dtype, device=args.device, prompt_format=args.prompt_format,
                      speculative_k=args.speculative_k, accept=args.accept, block_size=args.block_size,
                      max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes,
-                     max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
+                     max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+                     enable_prefix_caching=not args.no_prefix_caching)
 
 
 def name_flag(message: str) -> str:

@@ -1,6 +1,7 @@
 """A state machine drives the engine with random sequences of add / step / abort / generate /
-stream (advance, close, interrupt) / interrupted steps, on a KV pool small enough to preempt.
-After every action: each block is free or owned by a live request (counts exact), and every
+stream (advance, close, interrupt) / interrupted steps, on a KV pool small enough to preempt,
+with prefix caching on (the default). After every action: each block is free or owned by a
+live request (counts exact), the prefix cache's maps agree, and every
 request that finished by length has exactly the tokens it gets when run alone (exact mode,
 with and without speculation); one that was aborted or interrupted has a prefix of them."""
 from __future__ import annotations
@@ -30,10 +31,10 @@ def family():
 
 @pytest.fixture(scope="module")
 def alone(family):
-    """Each (prompt, params) pair's tokens, every request run on its own."""
+    """Each (prompt, params) pair's tokens, every request run on its own (no prefix cache)."""
     knowledge, tuned, reference = family
     engine = EFTEngine(knowledge=knowledge, tuned=tuned[0], reference=reference,
-                       **{**ENGINE_KW, "num_blocks": 64, "max_num_seqs": 1})
+                       **{**ENGINE_KW, "num_blocks": 64, "max_num_seqs": 1, "enable_prefix_caching": False})
     return {key: engine.generate([PROMPTS[key[0]]], PARAMS[key[1]])[0].token_ids for key in KEYS}
 
 
@@ -87,6 +88,12 @@ class EngineMachine(RuleBasedStateMachine):
                     counts[b] += 1
             assert [runner.blocks.ref_count(b) for b in range(len(counts))] == counts, runner.role
             assert runner.blocks.num_free_blocks == counts.count(0), runner.role
+            cache = runner.blocks
+            assert all(cache._block_hash[b] == h for h, b in cache._cached.items()), runner.role
+            assert len(cache._block_hash) == len(cache._cached), runner.role
+            for r in live:      # a table's registered prefix: its leading blocks, all full of computed tokens
+                table = r.tables[m]
+                assert len(table.hashes) * runner.block_size <= table.num_tokens, runner.role
 
     @invariant()
     def finished_requests_match_their_solo_run(self):

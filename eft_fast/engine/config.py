@@ -28,6 +28,8 @@ class EngineConfig:
     backend: the eft_sample backend ("auto", "cpu", "cuda", "triton", "torch").
     tensor_parallel_size: ranks the knowledge model is sharded over (1 = not sharded).
     distributed_timeout_s: the timeout of every collective of a tensor-parallel group.
+    enable_prefix_caching: reuse the KV blocks of prompt (and output) prefixes already computed,
+        per model (see scheduler.py).
     """
 
     speculative_k: int = 0
@@ -42,6 +44,7 @@ class EngineConfig:
     backend: str = "auto"
     tensor_parallel_size: int = 1
     distributed_timeout_s: float = 300.0
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         _positive_int("speculative_k", self.speculative_k, allow_zero=True)
@@ -59,6 +62,8 @@ class EngineConfig:
         if isinstance(self.distributed_timeout_s, bool) or not isinstance(self.distributed_timeout_s, (int, float)) \
                 or not self.distributed_timeout_s > 0:
             raise ValueError(f"distributed_timeout_s must be a positive number, got {self.distributed_timeout_s!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise TypeError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         from ..ops import BACKENDS
 
         if self.backend not in BACKENDS:

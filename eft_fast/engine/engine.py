@@ -62,6 +62,8 @@ class EFTEngine:
             process is rank 0 and spawns the others, or, under torchrun (WORLD_SIZE = N), every
             rank runs this constructor and ranks > 0 serve rank 0 until it closes, then exit.
         distributed_timeout_s: the timeout of every collective of the tensor-parallel group.
+        enable_prefix_caching: reuse cached KV blocks of repeated prefixes (system prompts,
+            few-shot examples, earlier turns), per model; on by default.
 
     Use ``with EFTEngine(...) as engine:`` (or ``close()``) to stop tensor-parallel workers.
     """
@@ -71,13 +73,14 @@ class EFTEngine:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, max_model_len: int | None = None,
                  use_cuda_graph: bool | None = None, backend: str = "auto", tensor_parallel_size: int = 1,
-                 distributed_timeout_s: float = 300.0):
+                 distributed_timeout_s: float = 300.0, enable_prefix_caching: bool = True):
         self.config = EngineConfig(speculative_k=speculative_k, accept=accept, block_size=block_size,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    num_blocks=num_blocks, kv_cache_bytes=kv_cache_bytes,
                                    max_model_len=max_model_len, use_cuda_graph=use_cuda_graph, backend=backend,
                                    tensor_parallel_size=tensor_parallel_size,
-                                   distributed_timeout_s=distributed_timeout_s)
+                                   distributed_timeout_s=distributed_timeout_s,
+                                   enable_prefix_caching=enable_prefix_caching)
         parsed_device = parse_device(device)
         if parsed_device is not None:     # a backend that cannot run there fails before any model loads
             resolve_backend(backend, parsed_device)
@@ -301,6 +304,8 @@ class EFTEngine:
                         self._fail(request, out.error)
                     else:
                         self._append(request, out)
+                        if not request.finished:
+                            self.scheduler.commit(request)
         except TensorParallelError as exc:   # the group is gone: no later step can run
             self._abort_step(scheduled, exc)
             self._ended = touched + self._ended
@@ -419,7 +424,7 @@ class EFTEngine:
                 reason = "stop"
         request.finish_reason = reason
         request.finish_time = time.perf_counter()
-        self.scheduler.finish(request)
+        self.scheduler.finish(request, commit=True)
 
     def _delta(self, request: Request) -> StreamDelta:
         """New tokens and text since the request's last delta. While a stop string could still
@@ -549,6 +554,9 @@ class EFTEngine:
         num_requests_unclaimed: finished requests whose output was not taken yet
         (``output(request_id, pop=True)``; ``generate`` and ``stream`` take their own).
         kv_blocks_used / kv_blocks_total: per model role.
+        prefix_cache_hit_rate: per model role, over requests' first admissions, the fraction of
+        prompt tokens in full blocks that came from the cache (None before any lookup);
+        kv_blocks_cached: blocks registered in the prefix cache (in use or free).
         num_preemptions; with speculation, proposed / accepted draft tokens, rounds (a round is
         one request's draft-and-verify), acceptance rate and mean accepted drafts per round.
         """
@@ -557,7 +565,10 @@ class EFTEngine:
                "num_requests_unclaimed": sum(r.finished for r in self._requests.values()),
                "kv_blocks_used": {n: r.blocks.num_used_blocks for n, r in zip(self.models.names, self.runners)},
                "kv_blocks_total": {n: r.blocks.num_blocks for n, r in zip(self.models.names, self.runners)},
-               "num_preemptions": sched.num_preemptions}
+               "num_preemptions": sched.num_preemptions,
+               "prefix_cache_hit_rate": {n: hit / queried if queried else None for n, hit, queried in
+                                         zip(self.models.names, sched.prefix_hit_tokens, sched.prefix_queried_tokens)},
+               "kv_blocks_cached": {n: r.blocks.num_cached_blocks for n, r in zip(self.models.names, self.runners)}}
         spec = self.decoder.speculative
         if spec is not None:
             out.update(proposed_tokens=spec.proposed, accepted_tokens=spec.accepted, rounds=spec.rounds,
@@ -575,5 +586,6 @@ class EFTEngine:
             generated_tokens=n, time_to_first_token_s=ttft, total_time_s=end - request.arrival_time,
             tokens_per_s=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
             proposed_tokens=request.proposed_tokens, accepted_tokens=request.accepted_tokens,
-            rounds=request.spec_rounds)
+            rounds=request.spec_rounds,
+            cached_tokens={name: n for name, n in zip(self.models.names, request.cached_tokens or [0] * len(self.runners))})
 

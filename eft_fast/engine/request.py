@@ -53,10 +53,21 @@ class Request:
     reported_tokens: int = 0            # output_ids already handed out by stream deltas
     final_reported: bool = False        # the delta with finished=True was handed out
     owned: bool = False                 # added by a stream / generate call, which takes its deltas
+    cached_tokens: list[int] | None = None   # per model, prompt tokens found in the prefix cache at admission
 
     def num_tokens(self, model: int) -> int:
         """Tokens model ``model`` must have seen before sampling the next one."""
         return len(self.prompt_ids[model]) + len(self.output_ids)
+
+    def tokens(self, model: int, start: int, end: int) -> list[int]:
+        """Positions ``start`` to ``end`` of model ``model``'s sequence (its prompt, then the outputs)."""
+        prompt = self.prompt_ids[model]
+        n = len(prompt)
+        if end <= n:
+            return prompt[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return prompt[start:] + self.output_ids[:end - n]
 
     def pending_tokens(self, model: int) -> list[int]:
         """The tokens of model ``model``'s sequence that are not in its KV cache yet."""

@@ -1,4 +1,5 @@
-"""Continuous batching: waiting and running queues, FCFS admission, preemption by recompute.
+"""Continuous batching: waiting and running queues, FCFS admission, preemption by recompute,
+prefix caching.
 
 A step is either a prefill (new or preempted requests: every model gets each request's
 uncached tokens, packed) or a decode round over every running request. Prefill goes first
@@ -6,12 +7,19 @@ whenever a waiting request fits. When a decode round cannot reserve KV blocks, t
 recently admitted running request is preempted: its blocks are released in every model and
 it goes back to the head of the waiting queue with its generated tokens, to be recomputed
 by a later prefill. Its output does not change (noise depends only on seed and position).
+
+Prefix caching (``enable_prefix_caching``): a request taken from the waiting queue first
+takes, per model, the cached blocks of the longest prefix of its sequence that is cached
+(its own blocks, after a preemption), so its prefill computes only the rest. After every step
+the full blocks of committed tokens are registered (:meth:`Scheduler.commit`), and a request
+that finishes normally registers its last ones before its blocks are freed.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
+from .block_manager import ROOT_HASH, chain_hash
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .request import Request, RequestStatus
@@ -34,6 +42,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # per model, over first admissions: prompt tokens in full blocks looked up / found cached
+        self.prefix_queried_tokens = [0] * len(runners)
+        self.prefix_hit_tokens = [0] * len(runners)
+        for runner in runners:
+            runner.blocks.enable_caching = config.enable_prefix_caching
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -69,8 +82,42 @@ class Scheduler:
         for m, runner in enumerate(self.runners):
             runner.blocks.release(request.tables[m])
 
-    def finish(self, request: Request) -> None:
-        """Free a finished (or failed) request's blocks and drop it from the queues."""
+    # ---- prefix cache ------------------------------------------------------------------------
+    def _match_prefix(self, request: Request) -> list[int]:
+        """Give a request that holds no blocks the cached blocks of its longest cached prefix,
+        per model; at least its last token is left to compute (its logits are needed). A
+        request that scores its prompt (prompt_logprobs) computes every position instead.
+        Returns the tokens looked up per model (those of its full blocks but the last token)."""
+        queried = [0] * len(self.runners)
+        if not self.config.enable_prefix_caching or request.wants_prompt_logprobs:
+            return queried
+        for m, runner in enumerate(self.runners):
+            table, bs = request.tables[m], runner.block_size
+            if table.blocks:
+                continue
+            hashes = []
+            for i in range((request.num_tokens(m) - 1) // bs):
+                hashes.append(chain_hash(hashes[-1] if hashes else ROOT_HASH, request.tokens(m, i * bs, (i + 1) * bs)))
+            runner.blocks.match(table, hashes)
+            queried[m] = len(hashes) * bs
+        return queried
+
+    def commit(self, request: Request) -> None:
+        """Register the request's full blocks of committed tokens (every token of its sequence
+        whose K/V is in the cache) in each model's prefix cache."""
+        if not self.config.enable_prefix_caching:
+            return
+        for m, runner in enumerate(self.runners):
+            table = request.tables[m]
+            full = min(table.num_tokens, request.num_tokens(m)) // runner.block_size
+            if full > len(table.hashes):
+                runner.blocks.commit(table, request.tokens(m, 0, full * runner.block_size), full * runner.block_size)
+
+    def finish(self, request: Request, *, commit: bool = False) -> None:
+        """Free a finished (or failed) request's blocks and drop it from the queues;
+        ``commit``: register its committed blocks first (a normal finish: its tables are whole)."""
+        if commit:
+            self.commit(request)
         self._release(request)
         self._drop(request)
 
@@ -115,12 +162,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            queried = self._match_prefix(request)
             tokens = max(len(request.pending_tokens(m)) for m in range(len(self.runners)))
-            if batch and tokens > budget:
-                break
-            if not self._reserve(request):
+            if (batch and tokens > budget) or not self._reserve(request):
+                self._release(request)        # a waiting request holds no blocks
                 break
             budget -= tokens
+            if request.cached_tokens is None:      # first admission: what the prefix cache gave
+                request.cached_tokens = [t.num_tokens for t in request.tables]
+                for m, (q, hit) in enumerate(zip(queried, request.cached_tokens)):
+                    self.prefix_queried_tokens[m] += q
+                    self.prefix_hit_tokens[m] += hit
             self.running.append(self.waiting.popleft())
             request.status = RequestStatus.RUNNING
             batch.append(request)
