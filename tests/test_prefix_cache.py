@@ -146,3 +146,16 @@ def test_prompt_logprobs_skip_the_cache(family, rng):
     scored, = engine.generate([prompt], eft_fast.SamplingParams(max_tokens=1, seed=2, prompt_logprobs=1))
     assert scored.metrics.cached_tokens["tuned"] == 0 and len(scored.prompt_logprobs) == 21
     assert scored.token_ids == plain.token_ids
+
+
+def test_requests_sharing_a_prefix_in_one_batch_compute_it_once(family, rng):
+    prefix = torch.randint(0, VOCAB, (24,), generator=rng).tolist()
+    prompts = [prefix + [i + 1, i + 2] for i in range(6)]          # 26 tokens: 6 full blocks shared
+    params = eft_fast.SamplingParams(max_tokens=3, seed=4, ignore_eos=True)
+    on, off = tiny_engine(family), tiny_engine(family, enable_prefix_caching=False)
+    got, want = on.generate(prompts, params), off.generate(prompts, params)
+    assert [o.token_ids for o in got] == [w.token_ids for w in want]
+    computed_on, computed_off = on.stats()["prefill_tokens_computed"], off.stats()["prefill_tokens_computed"]
+    assert computed_off["knowledge"] == 6 * 26
+    assert computed_on["knowledge"] == 26 + 5 * 2                  # the first computes the prefix, once
+    assert [o.metrics.cached_tokens["knowledge"] for o in got] == [0] + [24] * 5

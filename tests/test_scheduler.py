@@ -22,7 +22,10 @@ class FakeRunner:
 
 
 def _scheduler(num_blocks=64, models=2, **config):
+    """Admission and preemption alone: the prompts here repeat, so the prefix cache is off
+    (tests/test_prefix_cache.py covers it)."""
     runners = [FakeRunner(BlockManager(num_blocks, 4)) for _ in range(models)]
+    config = {"enable_prefix_caching": False, **config}
     return Scheduler(runners, EngineConfig(block_size=4, **config)), runners
 
 

@@ -556,7 +556,8 @@ class EFTEngine:
         kv_blocks_used / kv_blocks_total: per model role.
         prefix_cache_hit_rate: per model role, over requests' first admissions, the fraction of
         prompt tokens in full blocks that came from the cache (None before any lookup);
-        kv_blocks_cached: blocks registered in the prefix cache (in use or free).
+        kv_blocks_cached: blocks registered in the prefix cache (in use or free);
+        prefill_tokens_computed: per model role, tokens its prefill steps computed.
         num_preemptions; with speculation, proposed / accepted draft tokens, rounds (a round is
         one request's draft-and-verify), acceptance rate and mean accepted drafts per round.
         """
@@ -568,7 +569,8 @@ class EFTEngine:
                "num_preemptions": sched.num_preemptions,
                "prefix_cache_hit_rate": {n: hit / queried if queried else None for n, hit, queried in
                                          zip(self.models.names, sched.prefix_hit_tokens, sched.prefix_queried_tokens)},
-               "kv_blocks_cached": {n: r.blocks.num_cached_blocks for n, r in zip(self.models.names, self.runners)}}
+               "kv_blocks_cached": {n: r.blocks.num_cached_blocks for n, r in zip(self.models.names, self.runners)},
+               "prefill_tokens_computed": dict(zip(self.models.names, sched.prefill_tokens_computed))}
         spec = self.decoder.speculative
         if spec is not None:
             out.update(proposed_tokens=spec.proposed, accepted_tokens=spec.accepted, rounds=spec.rounds,

@@ -12,7 +12,9 @@ Prefix caching (``enable_prefix_caching``): a request taken from the waiting que
 takes, per model, the cached blocks of the longest prefix of its sequence that is cached
 (its own blocks, after a preemption), so its prefill computes only the rest. After every step
 the full blocks of committed tokens are registered (:meth:`Scheduler.commit`), and a request
-that finishes normally registers its last ones before its blocks are freed.
+that finishes normally registers its last ones before its blocks are freed. A waiting request
+whose next uncached block a request of the same prefill batch is computing waits one step, and
+then finds it cached.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class Scheduler:
         # per model, over first admissions: prompt tokens in full blocks looked up / found cached
         self.prefix_queried_tokens = [0] * len(runners)
         self.prefix_hit_tokens = [0] * len(runners)
+        self.prefill_tokens_computed = [0] * len(runners)   # per model, by prefill steps
         for runner in runners:
             runner.blocks.enable_caching = config.enable_prefix_caching
 
@@ -83,14 +86,17 @@ class Scheduler:
             runner.blocks.release(request.tables[m])
 
     # ---- prefix cache ------------------------------------------------------------------------
-    def _match_prefix(self, request: Request) -> list[int]:
+    def _match_prefix(self, request: Request) -> tuple[list[int], list[list[bytes]]]:
         """Give a request that holds no blocks the cached blocks of its longest cached prefix,
         per model; at least its last token is left to compute (its logits are needed). A
         request that scores its prompt (prompt_logprobs) computes every position instead.
-        Returns the tokens looked up per model (those of its full blocks but the last token)."""
+
+        Returns, per model, the tokens looked up (those of its full blocks but the last token)
+        and the hashes of the full blocks it will compute itself."""
         queried = [0] * len(self.runners)
+        computed: list[list[bytes]] = [[] for _ in self.runners]
         if not self.config.enable_prefix_caching or request.wants_prompt_logprobs:
-            return queried
+            return queried, computed
         for m, runner in enumerate(self.runners):
             table, bs = request.tables[m], runner.block_size
             if table.blocks:
@@ -98,9 +104,10 @@ class Scheduler:
             hashes = []
             for i in range((request.num_tokens(m) - 1) // bs):
                 hashes.append(chain_hash(hashes[-1] if hashes else ROOT_HASH, request.tokens(m, i * bs, (i + 1) * bs)))
-            runner.blocks.match(table, hashes)
+            matched = runner.blocks.match(table, hashes)
             queried[m] = len(hashes) * bs
-        return queried
+            computed[m] = hashes[matched:]
+        return queried, computed
 
     def commit(self, request: Request) -> None:
         """Register the request's full blocks of committed tokens (every token of its sequence
@@ -160,14 +167,21 @@ class Scheduler:
         """
         batch: list[Request] = []
         budget = self.config.max_num_batched_tokens
+        in_flight: list[set[bytes]] = [set() for _ in self.runners]   # blocks this batch computes
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            queried = self._match_prefix(request)
+            queried, computed = self._match_prefix(request)
             tokens = max(len(request.pending_tokens(m)) for m in range(len(self.runners)))
-            if (batch and tokens > budget) or not self._reserve(request):
+            # A request whose next block a batch mate computes waits one step and takes it
+            # from the cache then, rather than computing the shared prefix a second time.
+            shares = any(hashes and hashes[0] in in_flight[m] for m, hashes in enumerate(computed))
+            if (batch and (tokens > budget or shares)) or not self._reserve(request):
                 self._release(request)        # a waiting request holds no blocks
                 break
             budget -= tokens
+            for m, hashes in enumerate(computed):
+                in_flight[m].update(hashes)
+                self.prefill_tokens_computed[m] += len(request.pending_tokens(m))
             if request.cached_tokens is None:      # first admission: what the prefix cache gave
                 request.cached_tokens = [t.num_tokens for t in request.tables]
                 for m, (q, hit) in enumerate(zip(queried, request.cached_tokens)):
