@@ -10,7 +10,7 @@ _FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_k":
           "stop": "--stop", "speculative_k": "--speculative-k", "block_size": "--block-size",
           "max_num_seqs": "--max-num-seqs", "dtype": "--dtype", "device": "--device",
           "tensor_parallel_size": "--tensor-parallel-size", "kv_cache_bytes": "--kv-cache-bytes",
-          "max_model_len": "--max-model-len"}
+          "max_model_len": "--max-model-len", "max_num_batched_tokens": "--max-num-batched-tokens"}
 _LEADING_NAME = re.compile(r"^([a-z_]+)\b")
 
 
@@ -38,6 +38,10 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the models' own)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of repeated prefixes (on by default)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="the most tokens one step computes per model (the prompt chunk budget)")
+    p.add_argument("--no-chunked-prefill", action="store_true",
+                   help="prefill each prompt whole, in steps without decode tokens (chunked by default)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard the knowledge model over N processes (gloo on CPU, one GPU each on CUDA); "
                         "--knowledge must then be a path or hub id")
@@ -62,7 +66,9 @@ def build_engine(args):
                      speculative_k=args.speculative_k, accept=args.accept, block_size=args.block_size,
                      max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes,
                      max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-                     enable_prefix_caching=not args.no_prefix_caching)
+                     enable_prefix_caching=not args.no_prefix_caching,
+                     max_num_batched_tokens=args.max_num_batched_tokens,
+                     enable_chunked_prefill=not args.no_chunked_prefill)
 
 
 def name_flag(message: str) -> str:

@@ -23,9 +23,10 @@ class FakeRunner:
 
 def _scheduler(num_blocks=64, models=2, **config):
     """Admission and preemption alone: the prompts here repeat, so the prefix cache is off
-    (tests/test_prefix_cache.py covers it)."""
+    (tests/test_prefix_cache.py covers it), and whole prompts are prefilled unless a test
+    turns chunked prefill on."""
     runners = [FakeRunner(BlockManager(num_blocks, 4)) for _ in range(models)]
-    config = {"enable_prefix_caching": False, **config}
+    config = {"enable_prefix_caching": False, "enable_chunked_prefill": False, **config}
     return Scheduler(runners, EngineConfig(block_size=4, **config)), runners
 
 
@@ -94,3 +95,48 @@ def test_lookahead_reserves_speculative_slots():
 def test_nothing_to_do():
     sched, _ = _scheduler()
     assert sched.schedule() is None and not sched.has_work()
+
+
+def _run_chunks(step):
+    """What the engine does with a chunked prefill step: each model caches its chunk; a
+    request whose chunk ends its pending tokens samples one token."""
+    for r, chunk in zip(step.requests, step.chunks):
+        complete = all(c == r.num_tokens(m) - r.tables[m].num_tokens for m, c in enumerate(chunk))
+        for m, c in enumerate(chunk):
+            r.tables[m].num_tokens += c
+        if complete:
+            r.output_ids.append(7)
+
+
+def test_chunked_prefill_shares_steps_with_decode_tokens():
+    sched, _ = _scheduler(max_num_batched_tokens=8, enable_chunked_prefill=True)
+    short, long = _request(0, 3), _request(1, 21)
+    sched.add(short)
+    step = sched.schedule()
+    assert step.kind == "prefill" and step.chunks == [[3, 3]]
+    _run_chunks(step)
+    sched.add(long)
+    seen = []
+    for _ in range(10):
+        step = sched.schedule()
+        if step.kind == "decode":
+            break
+        assert step.requests[0] is short and step.chunks[0] == [1, 1]       # decode tokens first
+        assert sum(max(c) for c in step.chunks) <= 8
+        seen.append(step.chunks[1])
+        _run_chunks(step)
+    assert seen == [[7, 7], [7, 7], [7, 7]]                                  # 21 = 7 + 7 + 7, one budget each
+    assert long.output_ids == [7] and long.is_decoding and step.requests == [short, long]
+
+
+def test_chunks_end_every_model_in_the_same_step():
+    sched, _ = _scheduler(max_num_batched_tokens=5, enable_chunked_prefill=True)
+    r = Request(0, [1], SamplingParams(max_tokens=4), seed=0, prompt_ids=[[1] * 4, [2] * 11], position_offset=4,
+                tables=[BlockTable(), BlockTable()])
+    sched.add(r)
+    chunks = []
+    while not r.output_ids:
+        step = sched.schedule()
+        chunks.append(step.chunks[0])
+        _run_chunks(step)
+    assert chunks == [[3, 5], [0, 5], [1, 1]]         # the short model keeps its last token for the last step

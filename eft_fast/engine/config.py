@@ -21,7 +21,9 @@ class EngineConfig:
     accept: "exact" (token-identical to k = 0) or "rejection" (Leviathan et al.).
     block_size: tokens per KV block.
     max_num_seqs: the most requests decoding at once (also the largest CUDA-graph bucket).
-    max_num_batched_tokens: the most prompt tokens packed into one prefill step.
+    max_num_batched_tokens: the most tokens one step computes per model (prompt chunks and,
+        with chunked prefill, decode tokens); without chunked prefill a longer prompt is
+        prefilled whole in a step of its own.
     num_blocks / kv_cache_bytes: KV pool size per model (blocks, or a byte budget).
     max_model_len: context cap for every model (default: each model's own limit).
     use_cuda_graph: capture decode/verify steps (default: on for CUDA models).
@@ -30,6 +32,8 @@ class EngineConfig:
     distributed_timeout_s: the timeout of every collective of a tensor-parallel group.
     enable_prefix_caching: reuse the KV blocks of prompt (and output) prefixes already computed,
         per model (see scheduler.py).
+    enable_chunked_prefill: split prompts into chunks that share steps with decode tokens,
+        at most ``max_num_batched_tokens`` tokens per model and step (see scheduler.py).
     """
 
     speculative_k: int = 0
@@ -45,6 +49,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     distributed_timeout_s: float = 300.0
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self):
         _positive_int("speculative_k", self.speculative_k, allow_zero=True)
@@ -62,8 +67,9 @@ class EngineConfig:
         if isinstance(self.distributed_timeout_s, bool) or not isinstance(self.distributed_timeout_s, (int, float)) \
                 or not self.distributed_timeout_s > 0:
             raise ValueError(f"distributed_timeout_s must be a positive number, got {self.distributed_timeout_s!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise TypeError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         from ..ops import BACKENDS
 
         if self.backend not in BACKENDS:

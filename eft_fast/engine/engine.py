@@ -64,6 +64,9 @@ class EFTEngine:
         distributed_timeout_s: the timeout of every collective of the tensor-parallel group.
         enable_prefix_caching: reuse cached KV blocks of repeated prefixes (system prompts,
             few-shot examples, earlier turns), per model; on by default.
+        enable_chunked_prefill: prefill long prompts in chunks of at most
+            ``max_num_batched_tokens`` tokens, in the same steps as the running requests' decode
+            tokens; on by default.
 
     Use ``with EFTEngine(...) as engine:`` (or ``close()``) to stop tensor-parallel workers.
     """
@@ -73,14 +76,16 @@ class EFTEngine:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, max_model_len: int | None = None,
                  use_cuda_graph: bool | None = None, backend: str = "auto", tensor_parallel_size: int = 1,
-                 distributed_timeout_s: float = 300.0, enable_prefix_caching: bool = True):
+                 distributed_timeout_s: float = 300.0, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True):
         self.config = EngineConfig(speculative_k=speculative_k, accept=accept, block_size=block_size,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    num_blocks=num_blocks, kv_cache_bytes=kv_cache_bytes,
                                    max_model_len=max_model_len, use_cuda_graph=use_cuda_graph, backend=backend,
                                    tensor_parallel_size=tensor_parallel_size,
                                    distributed_timeout_s=distributed_timeout_s,
-                                   enable_prefix_caching=enable_prefix_caching)
+                                   enable_prefix_caching=enable_prefix_caching,
+                                   enable_chunked_prefill=enable_chunked_prefill)
         parsed_device = parse_device(device)
         if parsed_device is not None:     # a backend that cannot run there fails before any model loads
             resolve_backend(backend, parsed_device)
@@ -296,11 +301,13 @@ class EFTEngine:
                     self._fail(head, "the request outgrew the KV pool (raise num_blocks or kv_cache_bytes)")
             else:
                 if scheduled.kind == "prefill":
-                    new_tokens = self._prefill(scheduled.requests)
+                    new_tokens = self._prefill(scheduled.requests, scheduled.chunks)
                 else:
                     new_tokens = self.decoder.decode_round(scheduled.requests)
                 for request, out in zip(scheduled.requests, new_tokens):
-                    if out.error:
+                    if out is None:                   # a prompt chunk: no token yet
+                        self.scheduler.commit(request)
+                    elif out.error:
                         self._fail(request, out.error)
                     else:
                         self._append(request, out)
@@ -363,13 +370,20 @@ class EFTEngine:
             self._ended.append(request)
 
     @torch.inference_mode()
-    def _prefill(self, requests: list[Request]) -> list[TokensOut]:
-        """Every model reads each request's uncached tokens; one token is sampled per request.
-        Requests that ask for prompt_logprobs have their prompt scored too (a request whose
-        scoring fails ends with the error; its batch mates go on)."""
-        logits, prompt_rows = prefill_logits(self.runners, requests)
-        outs = sample(self.roles, logits, requests, [r.next_position for r in requests],
-                      vocab_size=self.models.vocab_size, backend=self.config.backend).per_request()
+    def _prefill(self, requests: list[Request], chunks: list[list[int]] | None = None) -> list[TokensOut | None]:
+        """Every model reads each request's chunk of uncached tokens (all of them by default);
+        one token is sampled per request whose chunk completes its pending tokens (None for
+        the others, which go on in a later step). Requests that ask for prompt_logprobs have
+        their prompt scored too (a request whose scoring fails ends with the error; its batch
+        mates go on)."""
+        logits, prompt_rows, complete = prefill_logits(self.runners, requests, chunks)
+        outs: list[TokensOut | None] = [None] * len(requests)
+        if complete:
+            rows = [requests[i] for i in complete]
+            sampled = sample(self.roles, logits, rows, [r.next_position for r in rows],
+                             vocab_size=self.models.vocab_size, backend=self.config.backend).per_request()
+            for i, out in zip(complete, sampled):
+                outs[i] = out
         for i, rows in prompt_rows.items():
             try:
                 requests[i].prompt_logprobs = score_prompt(self.roles, rows, requests[i],

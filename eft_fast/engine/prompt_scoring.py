@@ -17,32 +17,42 @@ from .request import Request
 from .sampler import Roles, sample, top_logprobs
 
 
-def prefill_logits(runners: list[ModelRunner], requests: list[Request]
-                   ) -> tuple[dict[int, torch.Tensor], dict[int, dict[int, torch.Tensor]]]:
-    """Every model reads each request's uncached tokens.
+def prefill_logits(runners: list[ModelRunner], requests: list[Request], chunks: list[list[int]] | None = None
+                   ) -> tuple[dict[int, torch.Tensor], dict[int, dict[int, torch.Tensor]], list[int]]:
+    """Every model reads each request's chunk of uncached tokens (``chunks[i][m]`` tokens;
+    default: all it has pending; a model with a chunk of 0 skips the request).
 
-    Returns (model -> [N, V_m] logits at each request's last token, request index -> model ->
-    [L - 1, V_m] logits at its prompt positions but the last, for the requests that score their
-    prompt). A request scores its prompt only at its first prefill (nothing cached yet).
+    Returns (model -> [C, V_m] logits at the last token of each request whose chunk ends its
+    pending tokens in every model, request index -> model -> [L - 1, V_m] logits at its prompt
+    positions but the last, for the requests that score their prompt, the indices of those C
+    complete requests). A request scores its prompt only when one chunk holds all of it.
     """
-    scoring = [i for i, r in enumerate(requests)
-               if r.wants_prompt_logprobs and all(t.num_tokens == 0 for t in r.tables)]
+    pending = [[len(r.pending_tokens(m)) for m in range(len(runners))] for r in requests]
+    chunks = pending if chunks is None else chunks
+    complete = [i for i in range(len(requests)) if chunks[i] == pending[i]]
+    scoring = [i for i in complete
+               if requests[i].wants_prompt_logprobs and all(t.num_tokens == 0 for t in requests[i].tables)]
     last: dict[int, torch.Tensor] = {}
     prompt_rows: dict[int, dict[int, torch.Tensor]] = {i: {} for i in scoring}
     for m, runner in enumerate(runners):
-        steps = [SequenceStep(r.tables[m], r.pending_tokens(m)) for r in requests]
-        if not scoring:
-            last[m] = runner.forward(steps)
+        fed = [i for i in range(len(requests)) if chunks[i][m] > 0]
+        if not fed:                  # this model has nothing to read in this step (nor any complete request)
             continue
+        steps = [SequenceStep(requests[i].tables[m], requests[i].pending_tokens(m)[:chunks[i][m]]) for i in fed]
         lengths = [len(s.token_ids) for s in steps]
-        every = runner.forward(steps, all_logits=True)                 # [sum(lengths), V_m]
-        ends = torch.tensor(lengths, device=every.device).cumsum(0)
-        last[m] = every[ends - 1]
-        for i in scoring:
-            start = int(ends[i]) - lengths[i]
-            prompt_len = len(requests[i].prompt_ids[m])
-            prompt_rows[i][m] = every[start:start + prompt_len - 1]
-    return last, prompt_rows
+        every = runner.forward(steps, all_logits=bool(scoring))        # [S or sum(lengths), V_m]
+        if scoring:
+            ends = torch.tensor(lengths, device=every.device).cumsum(0)
+            starts = ends - torch.tensor(lengths, device=every.device)
+            row = {i: j for j, i in enumerate(fed)}
+            last[m] = every[ends[[row[i] for i in complete]] - 1]
+            for i in scoring:
+                start = int(starts[row[i]])
+                prompt_rows[i][m] = every[start:start + len(requests[i].prompt_ids[m]) - 1]
+        else:
+            row = {i: j for j, i in enumerate(fed)}
+            last[m] = every[[row[i] for i in complete]] if len(complete) < len(fed) else every
+    return last, prompt_rows, complete
 
 
 def score_prompt(roles: Roles, logits: dict[int, torch.Tensor], request: Request, *, vocab_size: int,

@@ -78,6 +78,12 @@ class Request:
         return prompt[done:] + self.output_ids
 
     @property
+    def is_decoding(self) -> bool:
+        """Prefilled: it has generated tokens and every model lacks only the K/V of the last one."""
+        return bool(self.output_ids) and all(self.num_tokens(m) - t.num_tokens == 1
+                                             for m, t in enumerate(self.tables))
+
+    @property
     def wants_prompt_logprobs(self) -> bool:
         """The prompt still has to be scored (at the request's first prefill)."""
         return self.params.prompt_logprobs is not None and self.prompt_logprobs is None

@@ -29,10 +29,13 @@ from .request import Request, RequestStatus
 
 @dataclass
 class ScheduledStep:
-    """``kind`` is "prefill" or "decode"; ``requests`` in batch order."""
+    """``kind`` is "prefill" or "decode"; ``requests`` in batch order. A prefill step's
+    ``chunks[i]``: the tokens each model computes for request i (None: all it has pending);
+    with chunked prefill a prefill step also carries decoding requests (chunk of 1)."""
 
     kind: str
     requests: list[Request]
+    chunks: list[list[int]] | None = None
 
 
 class Scheduler:
@@ -48,6 +51,7 @@ class Scheduler:
         self.prefix_queried_tokens = [0] * len(runners)
         self.prefix_hit_tokens = [0] * len(runners)
         self.prefill_tokens_computed = [0] * len(runners)   # per model, by prefill steps
+        self._round_turn = True    # chunked prefill with speculation: a round's turn next
         for runner in runners:
             runner.blocks.enable_caching = config.enable_prefix_caching
 
@@ -159,14 +163,20 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _admit(self) -> list[Request]:
+    def _admit(self, budget: int | None = None, *, first: bool = True) -> list[Request]:
         """Move waiting requests to running while they fit; returns them (the prefill batch).
 
-        Each moves as soon as its blocks are reserved, so that a request is always in exactly
-        one queue (or finished), even when a step raises halfway.
+        Each moves as soon as its blocks are reserved (the whole sequence's), so that a
+        request is always in exactly one queue (or finished), even when a step raises halfway.
+        ``budget``: the step's token budget left (default: ``max_num_batched_tokens``). Without
+        chunked prefill a request's whole prompt must fit it (except the batch's first);
+        with it, any room left admits the next request, which then prefills in chunks.
         """
+        chunked = self.config.enable_chunked_prefill
         batch: list[Request] = []
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens if budget is None else budget
+        if chunked and budget <= 0:
+            return batch
         in_flight: list[set[bytes]] = [set() for _ in self.runners]   # blocks this batch computes
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -175,7 +185,10 @@ class Scheduler:
             # A request whose next block a batch mate computes waits one step and takes it
             # from the cache then, rather than computing the shared prefix a second time.
             shares = any(hashes and hashes[0] in in_flight[m] for m, hashes in enumerate(computed))
-            if (batch and (tokens > budget or shares)) or not self._reserve(request):
+            over = budget <= 0 if chunked else tokens > budget
+            if chunked and request.wants_prompt_logprobs and tokens > budget:
+                over = bool(batch) or not first      # scored whole, in a step of its own
+            if ((batch or not first) and (over or shares)) or not self._reserve(request):
                 self._release(request)        # a waiting request holds no blocks
                 break
             budget -= tokens
@@ -198,13 +211,26 @@ class Scheduler:
         A waiting request that cannot fit even into an empty pool is returned as a
         prefill of its own; the engine reports it (see ``fits_empty_pool``).
         """
+        if self.config.enable_chunked_prefill:
+            return self._schedule_chunked()
         batch = self._admit()
         if batch:
             return ScheduledStep("prefill", batch)
+        return self._decode_step()
+
+    def _decode_step(self) -> ScheduledStep | None:
+        """A decode round over every running request, preempting the most recently admitted
+        ones while the blocks of a round do not fit."""
         if not self.running:
             return None
+        scheduled = self._reserve_decoding(list(self.running))
+        return ScheduledStep("decode", scheduled) if scheduled else self.schedule()
+
+    def _reserve_decoding(self, requests: list[Request]) -> list[Request]:
+        """Reserve each request's next round, preempting from the back of the running queue
+        when the blocks run out; returns those that keep their reservation."""
         scheduled: list[Request] = []
-        for request in list(self.running):
+        for request in requests:
             if request not in self.running:      # preempted while making room
                 continue
             while not self._reserve(request):
@@ -214,7 +240,68 @@ class Scheduler:
                     break
             else:
                 scheduled.append(request)
-        return ScheduledStep("decode", scheduled) if scheduled else self.schedule()
+        return [r for r in scheduled if r in self.running]
+
+    # ---- chunked prefill ---------------------------------------------------------------------
+    def _schedule_chunked(self) -> ScheduledStep | None:
+        """Decode tokens first, then prompt chunks, within ``max_num_batched_tokens``.
+
+        Without speculation one step holds every decoding request's next token and chunks of
+        the prompts being prefilled (running ones first, then newly admitted ones); a long
+        prompt takes several steps while the others keep decoding. A speculative round cannot
+        share its forwards with prompt chunks: rounds and chunk steps alternate while both
+        have work. A step with no prompt chunk is a plain decode round (CUDA-graph path).
+        """
+        decoding = [r for r in self.running if r.is_decoding]
+        prefill_work = len(decoding) < len(self.running) or bool(self.waiting)
+        speculative = self.config.speculative_k > 0
+        if decoding and (not prefill_work or (speculative and self._round_turn)):
+            self._round_turn = False
+            scheduled = self._reserve_decoding(decoding)
+            if scheduled:
+                return ScheduledStep("decode", scheduled)
+        self._round_turn = True
+        budget = self.config.max_num_batched_tokens
+        scheduled, chunks = [], []
+        if not speculative:
+            for request in self._reserve_decoding(decoding):
+                scheduled.append(request)
+                chunks.append([1] * len(self.runners))
+                budget -= 1
+        for request in [r for r in self.running if not r.is_decoding]:
+            chunk = self._chunk(request, budget, first=not scheduled)
+            if chunk is not None:
+                scheduled.append(request)
+                chunks.append(chunk)
+                budget -= max(chunk)
+        for request in self._admit(budget, first=not scheduled):
+            chunk = self._chunk(request, budget, first=not scheduled)
+            assert chunk is not None, "an admitted request has a chunk"
+            scheduled.append(request)
+            chunks.append(chunk)
+            budget -= max(chunk)
+        if not scheduled:           # no prompt chunk fits now (the pool is full): decode instead
+            scheduled = self._reserve_decoding([r for r in self.running if r.is_decoding])
+            return ScheduledStep("decode", scheduled) if scheduled else None
+        if all(r.is_decoding for r in scheduled):
+            return ScheduledStep("decode", scheduled)
+        return ScheduledStep("prefill", scheduled, chunks)
+
+    def _chunk(self, request: Request, budget: int, *, first: bool) -> list[int] | None:
+        """Tokens each model computes for ``request`` in this step, or None for none.
+
+        The whole rest of its sequence if every model's fits in ``budget``; else the same
+        number of tokens per model (at most ``budget``), each model keeping at least its last
+        token, so that every model reaches the end of the prompt in the same step (where the
+        request samples its token). A request that scores its prompt (prompt_logprobs) is
+        computed whole, in a step of its own if it does not fit the budget (``first``).
+        """
+        pending = [request.num_tokens(m) - request.tables[m].num_tokens for m in range(len(self.runners))]
+        if max(pending) <= budget or (first and request.wants_prompt_logprobs):
+            return pending
+        if budget <= 0 or request.wants_prompt_logprobs:
+            return None
+        return [min(p - 1, budget) for p in pending]
 
     def fits_empty_pool(self, request: Request) -> bool:
         """Whether the request's next round, without drafts, fits each model's whole pool."""
