@@ -35,6 +35,8 @@ class TorchPathIndices:
     key_slots   [S, Kmax] int64: pool slot of each (sequence, key position); padding -> dummy.
     mask        [S, 1, Qmax, Kmax] bool: causal and length mask (padding rows see key 0).
     token_seq, token_col [T] int64: where each packed row sits in the [S, Qmax] layout.
+    rows [Tg] int64 or None: for a group of the step's sequences (see
+        :func:`build_torch_path_indices`), the packed rows its outputs go to; None: all T rows.
     """
 
     query_index: torch.Tensor
@@ -42,6 +44,7 @@ class TorchPathIndices:
     mask: torch.Tensor
     token_seq: torch.Tensor
     token_col: torch.Tensor
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -54,8 +57,8 @@ class PagedAttentionMetadata:
     seq_lens [S] int32: context length of each sequence including the new tokens.
     query_start_loc [S + 1] int32: packed row offsets of the sequences.
     max_query_len: host int >= every sequence's number of new tokens (a launch constant).
-    torch_path: gather indices for the CPU path (None on GPU, where the Triton kernel reads
-        the block tables directly).
+    torch_path: gather indices for the CPU path, one per group of sequences (None on GPU,
+        where the Triton kernel reads the block tables directly).
     max_kv_len: host int bound on every context length the torch path was built for, or None.
     """
 
@@ -65,22 +68,48 @@ class PagedAttentionMetadata:
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
     max_query_len: int
-    torch_path: TorchPathIndices | None = None
+    torch_path: list[TorchPathIndices] | None = None
     max_kv_len: int | None = None
 
 
 def build_torch_path_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                              num_tokens: int, max_query_len: int, max_kv_len: int, block_size: int,
-                             dummy_slot: int) -> TorchPathIndices:
-    """Gather indices for :func:`torch_paged_attention` from the step's tensors (torch ops only).
+                             dummy_slot: int) -> list[TorchPathIndices]:
+    """Gather indices for :func:`torch_paged_attention` from the step's tensors.
 
     ``num_tokens`` (T), ``max_query_len`` and ``max_kv_len`` are host ints: the packed row
-    count, and bounds on every sequence's new-token count and context length.
+    count, and bounds on every sequence's new-token count and context length. The torch path
+    pads every sequence of a group to [Qmax, Kmax]; on the CPU a step that mixes one-token
+    (decode) sequences with longer ones (prompt chunks) is split into those two groups, so the
+    decode sequences do not pay for the longest chunk's query length. Elsewhere (a captured
+    step must not read the device) the step is one group.
     """
-    device = block_tables.device
-    seq_lens = seq_lens.to(torch.int64)
     starts = query_start_loc[:-1].to(torch.int64)
     q_lens = query_start_loc[1:].to(torch.int64) - starts                               # [S]
+    if block_tables.device.type == "cpu" and q_lens.numel() > 1:
+        q_host, kv_host = q_lens.tolist(), seq_lens.tolist()
+        decode = [i for i, q in enumerate(q_host) if q == 1]
+        longer = [i for i, q in enumerate(q_host) if q != 1]
+        if decode and longer:
+            groups = []
+            for members in (decode, longer):
+                sel = torch.tensor(members, dtype=torch.int64)
+                rows = torch.cat([torch.arange(int(starts[i]), int(starts[i]) + q_host[i]) for i in members])
+                groups.append(_group_indices(block_tables[sel], seq_lens[sel], starts[sel], q_lens[sel],
+                                             max(q_host[i] for i in members), max(kv_host[i] for i in members),
+                                             block_size, dummy_slot, rows))
+            return groups
+    return [_group_indices(block_tables, seq_lens, starts, q_lens, max_query_len, max_kv_len, block_size, dummy_slot,
+                           None, num_tokens)]
+
+
+def _group_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
+                   max_query_len: int, max_kv_len: int, block_size: int, dummy_slot: int,
+                   rows: torch.Tensor | None, num_tokens: int | None = None) -> TorchPathIndices:
+    """The indices of one group: sequences with packed row offsets ``starts`` and ``q_lens``
+    new tokens each (torch ops only)."""
+    device = block_tables.device
+    seq_lens = seq_lens.to(torch.int64)
     cols = torch.arange(max_query_len, device=device)                                   # [Qmax]
     valid_q = cols[None, :] < q_lens[:, None]                                           # [S, Qmax]
     query_index = torch.where(valid_q, starts[:, None] + cols[None, :], torch.zeros_like(valid_q, dtype=torch.int64))
@@ -97,22 +126,29 @@ def build_torch_path_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor,
     # padding query columns attend to key 0 only, so their softmax stays finite
     mask = mask | (~valid_q[:, :, None] & (key_pos == 0)[None, None, :])
 
-    token_seq = torch.repeat_interleave(torch.arange(q_lens.shape[0], device=device), q_lens,
-                                        output_size=num_tokens)
-    token_col = torch.arange(token_seq.shape[0], device=device) - starts[token_seq]
-    return TorchPathIndices(query_index, key_slots, mask[:, None], token_seq, token_col)
+    count = rows.shape[0] if rows is not None else num_tokens
+    token_seq = torch.repeat_interleave(torch.arange(q_lens.shape[0], device=device), q_lens, output_size=count)
+    group_starts = torch.cumsum(q_lens, 0) - q_lens                                     # the group's own packing
+    token_col = torch.arange(token_seq.shape[0], device=device) - group_starts[token_seq]
+    return TorchPathIndices(query_index, key_slots, mask[:, None], token_seq, token_col, rows)
 
 
 def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                          indices: TorchPathIndices, scale: float) -> torch.Tensor:
+                          groups: list[TorchPathIndices], scale: float) -> torch.Tensor:
     """query [T, Hq, D]; key/value_cache [num_blocks + 1, block_size, Hkv, D] -> [T, Hq, D]."""
     num_kv_heads, head_dim = key_cache.shape[-2:]
-    q = query[indices.query_index].transpose(1, 2)                                      # [S, Hq, Qmax, D]
-    k = key_cache.view(-1, num_kv_heads, head_dim)[indices.key_slots].transpose(1, 2)   # [S, Hkv, Kmax, D]
-    v = value_cache.view(-1, num_kv_heads, head_dim)[indices.key_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=indices.mask, scale=scale,
-                                         enable_gqa=k.shape[1] != q.shape[1])            # [S, Hq, Qmax, D]
-    return out.transpose(1, 2)[indices.token_seq, indices.token_col]                    # [T, Hq, D]
+    out = None if groups[0].rows is None else torch.empty_like(query)
+    for indices in groups:
+        q = query[indices.query_index].transpose(1, 2)                                  # [S, Hq, Qmax, D]
+        k = key_cache.view(-1, num_kv_heads, head_dim)[indices.key_slots].transpose(1, 2)   # [S, Hkv, Kmax, D]
+        v = value_cache.view(-1, num_kv_heads, head_dim)[indices.key_slots].transpose(1, 2)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=indices.mask, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])       # [S, Hq, Qmax, D]
+        rows = attn.transpose(1, 2)[indices.token_seq, indices.token_col]               # [Tg, Hq, D]
+        if indices.rows is None:
+            return rows
+        out[indices.rows] = rows
+    return out
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
