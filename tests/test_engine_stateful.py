@@ -1,6 +1,7 @@
 """A state machine drives the engine with random sequences of add / step / abort / generate /
 stream (advance, close, interrupt) / interrupted steps, on a KV pool small enough to preempt,
-with prefix caching on (the default). After every action: each block is free or owned by a
+with prefix caching and chunked prefill on (the defaults; a 4-token step budget, so prompts
+are chunked). After every action: each block is free or owned by a
 live request (counts exact), the prefix cache's maps agree, and every
 request that finished by length has exactly the tokens it gets when run alone (exact mode,
 with and without speculation); one that was aborted or interrupted has a prefix of them."""
@@ -21,7 +22,7 @@ PARAMS = [SamplingParams(max_tokens=5, seed=1, ignore_eos=True, temperature=1.0)
           SamplingParams(max_tokens=7, seed=3, ignore_eos=True, temperature=0.8, weight_top_p=0.9),
           SamplingParams(max_tokens=1, seed=4, ignore_eos=True, temperature=1.0, top_k=5)]
 KEYS = [(p, q) for p in range(len(PROMPTS)) for q in range(len(PARAMS))]
-ENGINE_KW = dict(block_size=2, num_blocks=14, max_num_seqs=3, backend="torch")
+ENGINE_KW = dict(block_size=2, num_blocks=14, max_num_seqs=3, backend="torch", max_num_batched_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def alone(family):
     """Each (prompt, params) pair's tokens, every request run on its own (no prefix cache)."""
     knowledge, tuned, reference = family
     engine = EFTEngine(knowledge=knowledge, tuned=tuned[0], reference=reference,
-                       **{**ENGINE_KW, "num_blocks": 64, "max_num_seqs": 1, "enable_prefix_caching": False})
+                       **{**ENGINE_KW, "num_blocks": 64, "max_num_seqs": 1, "enable_prefix_caching": False,
+                          "enable_chunked_prefill": False, "max_num_batched_tokens": 8192})
     return {key: engine.generate([PROMPTS[key[0]]], PARAMS[key[1]])[0].token_ids for key in KEYS}
 
 
@@ -180,6 +182,16 @@ class EngineMachine(RuleBasedStateMachine):
     def teardown(self):
         for stream, _ in getattr(self, "streams", []):
             stream.close()
+        if not hasattr(self, "engine"):
+            return
+        for request_id in list(self.engine._requests):
+            self.engine.abort(request_id)
+        for _ in range(100):
+            if not self.engine.has_unfinished():
+                break
+            self.engine.step()
+        for runner in self.engine.runners:      # at the end every block is free (cached ones evictable)
+            assert runner.blocks.num_free_blocks == runner.blocks.num_blocks, runner.role
 
 
 @pytest.mark.usefixtures("one_thread")

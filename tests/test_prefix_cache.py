@@ -132,11 +132,11 @@ def test_a_repeated_prompt_computes_only_its_last_block(family, rng):
     second, = engine.generate([prompt], params)
     assert counts[0] == 1                                          # 36 of 37 prompt tokens were cached
     assert second.token_ids == first.token_ids
-    assert first.metrics.cached_tokens["tuned"] == 0 and second.metrics.cached_tokens["tuned"] == 36
+    assert first.metrics.num_cached_tokens["tuned"] == 0 and second.metrics.num_cached_tokens["tuned"] == 36
     # a multi-turn follow-up: the first turn's prompt and output are cached too
     counts.clear()
     follow, = engine.generate([prompt + first.token_ids + [5, 6, 7]], params)
-    assert follow.metrics.cached_tokens["tuned"] == 36 and counts[0] == 42 - 36
+    assert follow.metrics.num_cached_tokens["tuned"] == 36 and counts[0] == 42 - 36
 
 
 def test_prompt_logprobs_skip_the_cache(family, rng):
@@ -144,7 +144,7 @@ def test_prompt_logprobs_skip_the_cache(family, rng):
     prompt = torch.randint(0, VOCAB, (21,), generator=rng).tolist()
     plain, = engine.generate([prompt], eft_fast.SamplingParams(max_tokens=1, seed=2))
     scored, = engine.generate([prompt], eft_fast.SamplingParams(max_tokens=1, seed=2, prompt_logprobs=1))
-    assert scored.metrics.cached_tokens["tuned"] == 0 and len(scored.prompt_logprobs) == 21
+    assert scored.metrics.num_cached_tokens["tuned"] == 0 and len(scored.prompt_logprobs) == 21
     assert scored.token_ids == plain.token_ids
 
 
@@ -158,4 +158,4 @@ def test_requests_sharing_a_prefix_in_one_batch_compute_it_once(family, rng):
     computed_on, computed_off = on.stats()["prefill_tokens_computed"], off.stats()["prefill_tokens_computed"]
     assert computed_off["knowledge"] == 6 * 26
     assert computed_on["knowledge"] == 26 + 5 * 2                  # the first computes the prefix, once
-    assert [o.metrics.cached_tokens["knowledge"] for o in got] == [0] + [24] * 5
+    assert [o.metrics.num_cached_tokens["knowledge"] for o in got] == [0] + [24] * 5

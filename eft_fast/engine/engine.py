@@ -603,5 +603,6 @@ class EFTEngine:
             tokens_per_s=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
             proposed_tokens=request.proposed_tokens, accepted_tokens=request.accepted_tokens,
             rounds=request.spec_rounds,
-            cached_tokens={name: n for name, n in zip(self.models.names, request.cached_tokens or [0] * len(self.runners))})
+            num_cached_tokens={name: n for name, n in
+                               zip(self.models.names, request.cached_tokens or [0] * len(self.runners))})
 

@@ -30,7 +30,7 @@ class RequestMetrics:
         proposed_tokens: draft tokens proposed by speculative decoding (0 without it).
         accepted_tokens: draft tokens that verification accepted.
         rounds: draft-and-verify rounds.
-        cached_tokens: per model role, prompt tokens whose K/V came from the prefix cache at
+        num_cached_tokens: per model role, prompt tokens whose K/V came from the prefix cache at
             the request's first admission (not computed again).
     """
 
@@ -42,7 +42,7 @@ class RequestMetrics:
     proposed_tokens: int = 0
     accepted_tokens: int = 0
     rounds: int = 0
-    cached_tokens: dict[str, int] = field(default_factory=dict)
+    num_cached_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float | None:
