@@ -12,7 +12,16 @@ import torch
 
 
 class ExtensionUnavailable(ImportError):
-    """The native extension is missing or was built for another torch."""
+    """The native extension is missing or was built for another torch.
+
+    ``not_built``: True when the package was installed without a native extension at all
+    (nothing to load); False when one is there but cannot be used (another torch, a missing
+    symbol), which is an installation error.
+    """
+
+    def __init__(self, message: str, *, not_built: bool = False):
+        super().__init__(message)
+        self.not_built = not_built
 
 
 def _runtime_torch_version() -> str:
@@ -40,7 +49,8 @@ def build_info() -> dict:
     except ImportError as e:
         raise ExtensionUnavailable(
             f"eft_fast's native extension is not built ({e}). Reinstall with `pip install .` "
-            "(or `pip install --no-build-isolation .` to build against the torch you have)."
+            "(or `pip install --no-build-isolation .` to build against the torch you have).",
+            not_built=True,
         ) from e
     info = json.loads(_build_info.JSON)
     check_torch_matches(info["torch_version"], _runtime_torch_version())

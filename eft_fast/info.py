@@ -47,4 +47,16 @@ def info() -> dict:
             result["available_backends"].append("cuda")
     if result["triton"] is not None and torch.cuda.is_available():
         result["available_backends"].append("triton")
+    result["auto_backend"] = {}           # what backend="auto" picks per device type
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        try:
+            import warnings
+
+            from .ops import auto_backend
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result["auto_backend"][device] = auto_backend(torch.device(device))
+        except ImportError as e:
+            result["auto_backend"][device] = f"error: {e}"
     return result

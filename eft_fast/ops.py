@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 import os
 
 import torch
@@ -37,9 +38,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda":
-            return "cuda" if _extension.has_backend("cuda") else "triton"
-        return "cpu" if _extension.has_backend("cpu") and device.type == "cpu" else "torch"
+        return auto_backend(device)
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
     if backend == "triton":
@@ -48,6 +47,32 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend={backend!r} is not compiled into this build of eft_fast "
                          f"(compiled: {_extension.build_info()['backends']})")
     return backend
+
+
+def auto_backend(device: torch.device) -> str:
+    """What ``backend="auto"`` runs on ``device``: the compiled kernel of the device ("cpu",
+    "cuda"), else Triton on CUDA, else the fp64 torch reference, never silently:
+
+    - a native extension that is there but cannot load (built for another torch, a missing
+      symbol) raises its ImportError, with the reason;
+    - a package built without any native backend warns (RuntimeWarning, once per call site)
+      that the slow reference is in use.
+    """
+    try:
+        backends = _extension.build_info()["backends"]
+    except _extension.ExtensionUnavailable as e:
+        if not e.not_built:
+            raise
+        backends = []
+    if device.type in backends:
+        return device.type
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    if device.type in ("cpu", "cuda"):
+        warnings.warn(f"eft_fast: no compiled {device.type} kernel in this build (compiled: {backends or 'none'}); "
+                      "backend='auto' uses the fp64 torch reference, which is slow. Reinstall with `pip install .` "
+                      "to build the native extension.", RuntimeWarning, stacklevel=3)
+    return "torch"
 
 
 def _check_triton(device: torch.device) -> None:

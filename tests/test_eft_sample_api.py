@@ -527,3 +527,22 @@ def test_triton_backend_on_cpu_tensors_outside_the_interpreter(inputs, monkeypat
         pytest.skip("the check is for machines without a GPU")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         call(inputs, backend="triton")
+
+
+def test_auto_never_falls_back_to_the_reference_silently(monkeypatch):
+    from eft_fast import _extension
+    from eft_fast.ops import auto_backend
+
+    def not_built():
+        raise _extension.ExtensionUnavailable("no extension", not_built=True)
+
+    def broken():
+        raise _extension.ExtensionUnavailable("eft_fast._C was built against torch 0.0 but torch 9.9 is installed")
+
+    monkeypatch.setattr(_extension, "build_info", not_built)
+    with pytest.warns(RuntimeWarning, match="fp64 torch reference"):
+        assert auto_backend(torch.device("cpu")) == "torch"
+    monkeypatch.setattr(_extension, "build_info", broken)
+    with pytest.raises(ImportError, match="built against torch 0.0"):
+        auto_backend(torch.device("cpu"))
+    assert "auto_backend" in eft_fast.info()

@@ -183,3 +183,17 @@ def test_triton_attention_path_matches_dense_forward(dtype, rng):
         _check(logits, model, seqs, news, TOL[dtype])
     with pytest.raises(ValueError, match="attention_backend"):
         ModelRunner(model, attention_backend="flash")
+
+
+def test_paged_attention_refuses_softcap_and_narrow_sliding_windows():
+    from eft_fast.engine.attention import PagedAttentionMetadata, paged_attention_forward
+
+    meta = PagedAttentionMetadata(None, None, None, None, None, 1, max_context=16)
+    q = torch.zeros(1, 2, 1, 4)
+    for kwargs in ({"softcap": 30.0}, {"sliding_window": 8}):
+        with pytest.raises(ValueError, match="soft-capping nor a sliding window"):
+            paged_attention_forward(torch.nn.Module(), q, q, q, None, eft_metadata=meta, **kwargs)
+    # a window as wide as the context is causal attention: it gets past the check (and fails later on
+    # this empty metadata, not on the window)
+    with pytest.raises(AttributeError):
+        paged_attention_forward(torch.nn.Module(), q, q, q, None, eft_metadata=meta, sliding_window=16)

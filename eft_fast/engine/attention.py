@@ -60,6 +60,8 @@ class PagedAttentionMetadata:
     torch_path: gather indices for the CPU path, one per group of sequences (None on GPU,
         where the Triton kernel reads the block tables directly).
     max_kv_len: host int bound on every context length the torch path was built for, or None.
+    max_context: the runner's context limit (max_model_len): a sliding window at least this
+        wide is plain causal attention.
     """
 
     kv_cache: PagedKVCache
@@ -70,6 +72,7 @@ class PagedAttentionMetadata:
     max_query_len: int
     torch_path: list[TorchPathIndices] | None = None
     max_kv_len: int | None = None
+    max_context: int | None = None
 
 
 def build_torch_path_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
@@ -160,6 +163,14 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if meta is None:
         raise ValueError("attention 'eft_paged' needs the keyword argument eft_metadata "
                          "(run the model through eft_fast's ModelRunner)")
+    # Not implemented, so never ignored silently: logit soft-capping, and a sliding window
+    # narrower than the context (a window that covers the whole context is causal attention).
+    window = kwargs.get("sliding_window")
+    if kwargs.get("softcap") is not None or (window is not None and
+                                             (meta.max_context is None or window < meta.max_context)):
+        raise ValueError(f"attention 'eft_paged' implements neither logit soft-capping nor a sliding window "
+                         f"narrower than the context (softcap={kwargs.get('softcap')!r}, sliding_window={window!r}, "
+                         f"context={meta.max_context})")
     if query.shape[0] != 1:
         raise ValueError(f"attention 'eft_paged' takes packed tokens in a batch of 1, got batch {query.shape[0]}")
     if scaling is None:

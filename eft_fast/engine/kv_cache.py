@@ -36,9 +36,9 @@ class KVShape:
 class PagedKVCache:
     """K and V pools ``[num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim]``.
 
-    Block ``num_blocks`` (one past the last real block) is the dummy block: writes to slot
-    -1 (padding rows) land there, and padding rows of a static batch attend to it, so real
-    blocks are never touched by padding.
+    Block ``num_blocks`` (one past the last real block) is the dummy block: padding rows write
+    to its first slot, ``dummy_slot`` = num_blocks * block_size, and padding rows of a static
+    batch attend to it, so real blocks are never touched by padding.
     """
 
     def __init__(self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype,

@@ -182,7 +182,7 @@ class ModelRunner:
             torch_path = build_torch_path_indices(block_tables, seq_lens, query_start_loc, num_tokens, max_query_len,
                                                   max_kv_len, self.block_size, self.kv_cache.dummy_slot)
         return PagedAttentionMetadata(self.kv_cache, write_slots, block_tables, seq_lens, query_start_loc,
-                                      max_query_len, torch_path, max_kv_len)
+                                      max_query_len, torch_path, max_kv_len, self.max_model_len)
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: PagedAttentionMetadata,
                   logits_to_keep: torch.Tensor | int = 0) -> torch.Tensor:

@@ -26,7 +26,8 @@ class RequestMetrics:
         generated_tokens: tokens generated (stop strings' tokens included, text cut aside).
         time_to_first_token_s: seconds from arrival to the first generated token (None before it).
         total_time_s: seconds from arrival to finish.
-        tokens_per_s: generated_tokens / (total_time_s - time_to_first_token_s), decode speed.
+        tokens_per_s: decode speed, (generated_tokens - 1) / (finish - first token) in seconds
+            (the first token belongs to the prefill); 0.0 with fewer than two tokens.
         proposed_tokens: draft tokens proposed by speculative decoding (0 without it).
         accepted_tokens: draft tokens that verification accepted.
         rounds: draft-and-verify rounds.

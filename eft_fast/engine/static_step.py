@@ -78,19 +78,22 @@ class StaticStep:
         return self.logits[:n_tok]
 
     def _capture(self) -> None:
+        """Capture one graph per bucket on the model's device (made current for the capture, so
+        that the warm-up and capture streams belong to it even when another device is current)."""
         pool = None
-        for bucket in reversed(self.buckets):           # largest first: later graphs reuse its pool
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(2):                       # warm up (Triton autotune / lazy init)
+        with torch.cuda.device(self.runner.device):
+            for bucket in reversed(self.buckets):           # largest first: later graphs reuse its pool
+                stream = torch.cuda.Stream(device=self.runner.device)
+                stream.wait_stream(torch.cuda.current_stream(self.runner.device))
+                with torch.cuda.stream(stream), torch.inference_mode():
+                    for _ in range(2):                       # warm up (Triton autotune / lazy init)
+                        self._forward(bucket, None)
+                torch.cuda.current_stream(self.runner.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
                     self._forward(bucket, None)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                self._forward(bucket, None)
-            pool = graph.pool()
-            self.graphs[bucket] = graph
+                pool = graph.pool()
+                self.graphs[bucket] = graph
         self._reset_padding(self.max_batch)
 
     def _reset_padding(self, n: int) -> None:
@@ -130,7 +133,8 @@ class StaticStep:
         self.seq_lens[:n].copy_(torch.tensor(lay.seq_lens, dtype=torch.int32), non_blocking=True)
         self._reset_padding(n)
         if bucket in self.graphs:
-            self.graphs[bucket].replay()
+            with torch.cuda.device(self.runner.device):     # the graph's device, whichever is current
+                self.graphs[bucket].replay()
             logits = self.logits[:n_tok]
         else:
             logits = self._forward(bucket, max(lay.seq_lens))[:n_tok]
