@@ -2,7 +2,7 @@
 //
 // Everything here is a pure function of its arguments, so the CPU and CUDA backends
 // compute bit-identical noise and identical per-token scores (up to the order of
-// floating-point reductions, which lives in the backends). The spec is DESIGN.md
+// floating-point reductions, which lives in the backends). The spec is docs/DESIGN.md
 // sections 2 and 3; the fp64 reference is eft_fast/reference.py.
 #pragma once
 
@@ -174,7 +174,7 @@ EFT_HD bool is_neg_inf(float v) { return v == -INFINITY; }
 //   c_j = x_R0 + sum_r beta_r (x_T[r] - x_R[r]),
 // built term by term: start_small_policy(x_R0), add_reward_term for each tuned model,
 // finish_small_policy. log_softmax is shift invariant, so s = log_softmax(c) equals
-// DESIGN.md's log_softmax(l_R0 + a). A token where any logit is -inf is masked (-inf);
+// docs/DESIGN.md's log_softmax(l_R0 + a). A token where any logit is -inf is masked (-inf);
 // the mask is applied last, so -inf - (-inf) never leaks out as NaN. Without a reference
 // (draft mode, R = 1, weight 1) x_R0 and x_R[0] are taken as 0, so c = x_T[0].
 EFT_HD float start_small_policy(float ref0, bool* masked) {
@@ -217,7 +217,7 @@ struct OnlineLse {
   EFT_HD float value() const { return max == -INFINITY ? -INFINITY : max + logf(sum); }
 };
 
-// The EFT score of one token (DESIGN.md section 2):
+// The EFT score of one token (docs/DESIGN.md section 2):
 //   z = s + [j in S] ((x_K - lse_K) - (x_R0 - lse_R0)),
 // computed as s + (d + shift) with d = x_K - x_R0 and shift = lse_R0 - lse_K. Inside S a
 // -inf knowledge logit masks the token (d = -inf); outside S the knowledge model does not

@@ -16,7 +16,7 @@ std::string build_info_json() { return EFT_FAST_BUILD_INFO_JSON; }
 }  // namespace
 
 TORCH_LIBRARY(eft_fast, m) {
-  // Fused EFT sampling (DESIGN.md sections 2-3). Shapes:
+  // Fused EFT sampling (docs/DESIGN.md sections 2-3). Shapes:
   //   knowledge [B, Vk] or None (draft mode), tuned [R, B, Vt], reference [Rr, B, Vr] or
   //   None (draft mode with R = 1 and weight 1), seeds/positions [B] int64,
   //   reward_weights [B, R] fp32, temperature/weight_top_p/top_p [B] fp32, top_k [B] int64.
@@ -27,7 +27,7 @@ TORCH_LIBRARY(eft_fast, m) {
       "Tensor positions, Tensor reward_weights, Tensor temperature, Tensor weight_top_p, "
       "Tensor top_k, Tensor top_p, int vocab_size, bool return_logprobs) "
       "-> (Tensor tokens, Tensor logprob, Tensor row_logprobs, Tensor status)");
-  // Gumbel noise g[b, j] of DESIGN.md section 3: [B] seeds, [B] positions -> [B, V] fp32.
+  // Gumbel noise g[b, j] of docs/DESIGN.md section 3: [B] seeds, [B] positions -> [B, V] fp32.
   m.def("gumbel_noise(Tensor seeds, Tensor positions, int vocab_size) -> Tensor");
   // JSON: compiled backends, CUDA architectures, and the torch the extension was built with.
   m.def("build_info() -> str", &build_info_json);

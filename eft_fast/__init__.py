@@ -2,7 +2,7 @@
 
     tokens, logprob = eft_fast.eft_sample(knowledge, tuned, reference, seeds, positions)
 
-See DESIGN.md section 8 for the public API.
+See docs/DESIGN.md section 8 for the public API.
 """
 from .info import info
 from .ops import BACKENDS, EFTRowError, eft_sample

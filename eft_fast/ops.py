@@ -129,7 +129,7 @@ def check_status(status: torch.Tensor) -> None:
 def eft_sample(knowledge, tuned, reference, seeds, positions, *, reward_weights=None, temperature=1.0,
                weight_top_p=1.0, top_k=0, top_p=1.0, vocab_size=None, return_logprobs=False,
                backend="auto"):
-    """Sample one token per row from the EFT distribution (DESIGN.md sections 2-3).
+    """Sample one token per row from the EFT distribution (docs/DESIGN.md sections 2-3).
 
     Args:
         knowledge: [B, Vk] fp32/bf16/fp16 logits of the knowledge model, or None for draft

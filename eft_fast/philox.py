@@ -1,4 +1,4 @@
-"""Philox4x32-10 and the Gumbel noise of DESIGN.md section 3, in plain torch.
+"""Philox4x32-10 and the Gumbel noise of docs/DESIGN.md section 3, in plain torch.
 
 Every random number eft_fast uses is a pure function of (seed, position, token):
 
@@ -70,7 +70,7 @@ def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int, 
         seeds: [B] int64, per-request seeds (any int64; read as uint64 bits).
         positions: [B] int64, absolute position of the token being sampled.
         vocab_size: V.
-        stream: the third counter word. 0 is the sampling noise of DESIGN.md section 3;
+        stream: the third counter word. 0 is the sampling noise of docs/DESIGN.md section 3;
             other streams are independent draws for the same (seed, position), used by
             rejection-sampling speculative decoding.
     Returns:

@@ -1,4 +1,4 @@
-"""The fp64 reference of EFT sampling: DESIGN.md section 2 written as plain torch.
+"""The fp64 reference of EFT sampling: docs/DESIGN.md section 2 written as plain torch.
 
 Every backend of :func:`eft_fast.eft_sample` is tested against :func:`eft_sample_reference`.
 It favours clarity over speed: full sorts, one step per line of the spec.
@@ -173,7 +173,7 @@ def eft_sample_reference(
     top_p: torch.Tensor,
     vocab_size: int,
 ) -> ReferenceOutput:
-    """Sample one token per row from the EFT distribution, in fp64 (DESIGN.md sections 2-3)."""
+    """Sample one token per row from the EFT distribution, in fp64 (docs/DESIGN.md sections 2-3)."""
     V = vocab_size
     f64 = lambda t: None if t is None else t[..., :V].to(torch.float64)  # noqa: E731
     knowledge, tuned, reference = f64(knowledge), f64(tuned), f64(reference)

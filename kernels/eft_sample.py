@@ -1,4 +1,4 @@
-"""Triton backend of the fused EFT sampling op (DESIGN.md sections 2-3).
+"""Triton backend of the fused EFT sampling op (docs/DESIGN.md sections 2-3).
 
 One program per row; every pass streams the row in BLOCK-sized chunks:
 

@@ -1,4 +1,4 @@
-"""Triton paged attention for packed varlen prefill, decode and multi-token verify (DESIGN.md section 5).
+"""Triton paged attention for packed varlen prefill, decode and multi-token verify (docs/DESIGN.md section 5).
 
 Every sequence s owns the query rows query_start_loc[s] : query_start_loc[s + 1] (q_len of them) and a
 context of L = seq_lens[s] cache positions, the last q_len of which are this step's own tokens (their

@@ -436,7 +436,7 @@ def test_low_precision_inputs(rng, backend, dtype):
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32, torch.float16),
                                     (torch.float32, torch.bfloat16, torch.bfloat16)])
 def test_mixed_dtypes_across_models(rng, backend, dtypes):
-    """Models in different dtypes: DESIGN.md does not say; a backend either runs (fp32 math) or
+    """Models in different dtypes: docs/DESIGN.md does not say; a backend either runs (fp32 math) or
     refuses with a TypeError that names the model."""
     Bn, Vn = 4, 17
     k, t, r = (randn(rng, Bn, Vn, dtype=d) for d in dtypes)

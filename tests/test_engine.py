@@ -1,5 +1,5 @@
 """EFTEngine: outputs equal the naive fp64 loop; batch / preemption invariance; reward
-interpolation; stops and streaming; bad input (DESIGN.md sections 5 and 8)."""
+interpolation; stops and streaming; bad input (docs/DESIGN.md sections 5 and 8)."""
 from __future__ import annotations
 
 import pytest

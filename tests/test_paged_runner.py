@@ -1,4 +1,4 @@
-"""The paged model runner against HF's own dense forward (DESIGN.md section 5)."""
+"""The paged model runner against HF's own dense forward (docs/DESIGN.md section 5)."""
 from __future__ import annotations
 
 import pytest

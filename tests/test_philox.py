@@ -1,4 +1,4 @@
-"""Philox4x32-10 and the Gumbel noise of DESIGN.md section 3.
+"""Philox4x32-10 and the Gumbel noise of docs/DESIGN.md section 3.
 
 - eft_fast.philox.philox4x32_10 is bit-equal to Triton's tl.philox (run in the interpreter)
   and to the Random123 known-answer vectors;

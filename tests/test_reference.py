@@ -1,4 +1,4 @@
-"""The fp64 reference (eft_fast.reference) against DESIGN.md section 2.
+"""The fp64 reference (eft_fast.reference) against docs/DESIGN.md section 2.
 
 The checks use hand-computed cases, the paper's closed forms, and an independent numpy
 re-implementation of the spec (one row at a time, plain loops) written below.
@@ -58,7 +58,7 @@ def assert_no_nan(out):
         assert not bool(torch.isnan(t).any()), f"{name} has NaN: {t}"
 
 
-# --- independent numpy oracle of DESIGN.md section 2 (one row) ------------------------------
+# --- independent numpy oracle of docs/DESIGN.md section 2 (one row) ------------------------------
 
 def np_lsm(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
@@ -200,7 +200,7 @@ def test_equation_5_weight_top_p_one(rng):
 
 
 def test_weight_top_p_one_keeps_every_finite_token():
-    """DESIGN.md: with p_w = 1, S = every token with s_j > -inf, however small exp(s_j) is.
+    """docs/DESIGN.md: with p_w = 1, S = every token with s_j > -inf, however small exp(s_j) is.
 
     Token 1 has tiny small-policy mass (exp(-40)) but the knowledge model's weight p_K / p_R on it
     is huge, so equation 5 puts almost all of the EFT mass on it. A truncation set computed from a

@@ -240,7 +240,7 @@ def test_status_codes(rng):
 
 
 def test_masked_reference_logits(rng):
-    """-inf in a reference model alone masks the token (DESIGN.md section 2 masking rule)."""
+    """-inf in a reference model alone masks the token (docs/DESIGN.md section 2 masking rule)."""
     batch, V = 3, 40
     knowledge = torch.randn(batch, V, generator=rng) * 3
     tuned = torch.randn(2, batch, V, generator=rng) * 3

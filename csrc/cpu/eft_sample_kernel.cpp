@@ -1,4 +1,4 @@
-// CPU kernel of eft_fast::eft_sample (DESIGN.md sections 2-3).
+// CPU kernel of eft_fast::eft_sample (docs/DESIGN.md sections 2-3).
 //
 // This file is compiled once per instruction set (see CMakeLists.txt): EFT_CPU_NS names the
 // namespace of each copy and CPU_CAPABILITY_* selects at::vec's vector width.
@@ -579,7 +579,7 @@ RowResult sample_row(const RowInputs<T>& in, const RowParams& p, int64_t vocab, 
       : -1;
 
   // The scores z (Scores) and their log-sum-exp. Without truncation z = c + d, which
-  // differs from DESIGN.md's z by a constant of the row: neither the sample nor
+  // differs from docs/DESIGN.md's z by a constant of the row: neither the sample nor
   // log softmax(z) depends on it. With truncation, z = s + [c >= tau] (d + shift), and its
   // log-sum-exp comes from the two sides of S (truncate_row).
   Scores z{c, nullptr, 0.0f, -INFINITY, 0.0f};

@@ -1,4 +1,4 @@
-// Gumbel-max sampling of the CPU kernel (DESIGN.md section 3): Philox words eight per
+// Gumbel-max sampling of the CPU kernel (docs/DESIGN.md section 3): Philox words eight per
 // AVX-512 register, the Gumbel noise of a block of words, a per-word bound on the noise, the
 // score sources the samplers read (a row's scores, the tokens outside or inside the
 // truncation set), and the samplers (gumbel_argmax, scores_argmax).

@@ -1,4 +1,4 @@
-// CUDA implementation of eft_fast::eft_sample (DESIGN.md sections 2-3), the twin of the CPU
+// CUDA implementation of eft_fast::eft_sample (docs/DESIGN.md sections 2-3), the twin of the CPU
 // op (binding csrc/cpu/eft_sample.cpp, kernel csrc/cpu/eft_sample_kernel.cpp): the same op
 // signature and input checks (csrc/op_checks.h), the same passes and thresholds, and the
 // per-element math of csrc/eft_math.h.

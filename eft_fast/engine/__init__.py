@@ -1,2 +1,2 @@
 """The EFT engine: model loading, tokenisation, sampling parameters, request outputs,
-paged KV caches, the model runner and the scheduler (DESIGN.md section 5)."""
+paged KV caches, the model runner and the scheduler (docs/DESIGN.md section 5)."""

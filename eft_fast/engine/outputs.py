@@ -22,7 +22,7 @@ class RequestMetrics:
 
     Attributes:
         prompt_tokens: prompt length in tokens, per model role ({"knowledge": 12, "tuned": 30, ...}:
-            each model may see its own prompt format), or one int when all agree.
+            each model may see its own prompt format).
         generated_tokens: tokens generated (stop strings' tokens included, text cut aside).
         time_to_first_token_s: seconds from arrival to the first generated token (None before it).
         total_time_s: seconds from arrival to finish.

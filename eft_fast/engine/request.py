@@ -22,7 +22,7 @@ class Request:
     Every model m sees its own prompt ``prompt_ids[m]`` (its own format) followed by the
     shared ``output_ids``, and keeps its own block table ``tables[m]``; ``tables[m].num_tokens``
     of those tokens have K/V in model m's pool. The token sampled at generation index i is
-    drawn with noise position ``position_offset + i`` (section 3 of DESIGN.md): the absolute
+    drawn with noise position ``position_offset + i`` (section 3 of docs/DESIGN.md): the absolute
     position in the primary (tuned, else only) model's sequence.
     """
 

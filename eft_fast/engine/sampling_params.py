@@ -1,4 +1,4 @@
-"""Per-request sampling parameters (DESIGN.md sections 2 and 8)."""
+"""Per-request sampling parameters (docs/DESIGN.md sections 2 and 8)."""
 from __future__ import annotations
 
 import math
@@ -71,10 +71,10 @@ class SamplingParams:
         top_k: keep the k most likely tokens of the final distribution (0 = off).
         top_p: nucleus filter on the final distribution, in (0, 1] (1 = off).
         weight_top_p: p_w in (0, 1], the top-p set of the small-scale policy where the knowledge
-            model's up-scaling weights apply (1 = off); DESIGN.md section 2.
+            model's up-scaling weights apply (1 = off); docs/DESIGN.md section 2.
         reward_weights: beta, one float per tuned model (None = all ones); beta = (a, 1 - a)
             interpolates two rewards.
-        seed: int in [0, 2**63) for the request's noise (DESIGN.md section 3); None = the engine draws one.
+        seed: int in [0, 2**63) for the request's noise (docs/DESIGN.md section 3); None = the engine draws one.
         stop: stop strings; generation ends before the first occurrence, which is not in the output.
             Normalised to a tuple (None -> ()).
         stop_token_ids: ids that end generation (kept in the output, like EOS). Normalised to a tuple.

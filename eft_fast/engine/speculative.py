@@ -1,4 +1,4 @@
-"""Speculative EFT decoding (DESIGN.md section 4).
+"""Speculative EFT decoding (docs/DESIGN.md section 4).
 
 Up-scaling drafts cheaply: the small-scale policy s needs only the small models. One round,
 for every running request at once:
