@@ -1,4 +1,4 @@
-"""The `eft-fast` command line: info, sample (a demo of the fused op), generate, serve, bench."""
+"""The `eft-fast` command line: info, sample (a demo of the fused op), generate, serve, bench, check."""
 from __future__ import annotations
 
 import argparse
@@ -158,6 +158,27 @@ def _bench_tensor_parallel(models, settings, args, threads: int) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .check import default_tests, run_check
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("eft-fast check: --device cuda needs a GPU", file=sys.stderr)
+        return 2
+    tests = args.tests or default_tests(device)
+    if tests is None:
+        print("eft-fast check: the test suite is not installed with the package; run from a source checkout "
+              "or pass --tests PATH", file=sys.stderr)
+        return 2
+    print(f"eft-fast check on {device}: tests, then {'no benchmarks' if args.no_bench else 'the op and engine benchmarks'}"
+          f" (results in {args.out})", flush=True)
+    stages = run_check(device, Path(args.out), tests=tests, quick=args.quick, benchmarks=not args.no_bench)
+    for stage in stages:
+        print(f"  {'PASS' if stage.ok else 'FAIL'}  {stage.name:<13} {stage.seconds:7.1f} s  {stage.summary}")
+    print(f"written: {Path(args.out) / 'check.json'}")
+    return 0 if all(s.ok for s in stages) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eft-fast", description="Fast emulated fine-tuning (EFT) decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p_sample.set_defaults(func=_cmd_sample)
+
+    p_check = sub.add_parser("check", help="on a GPU machine, run this first: the device tests and both "
+                                           "benchmarks, a pass/fail summary and JSON")
+    p_check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when there is a GPU")
+    p_check.add_argument("--out", default="eft_check_out", help="output folder (check.json, tests.xml, benchmarks)")
+    p_check.add_argument("--quick", action="store_true", help="the benchmarks' quick settings")
+    p_check.add_argument("--no-bench", action="store_true", help="run the tests only")
+    p_check.add_argument("--tests", nargs="+", help="test paths (default: the checkout's device tests)")
+    p_check.set_defaults(func=_cmd_check)
 
     add_generate_parser(sub)
     add_serve_parser(sub)
