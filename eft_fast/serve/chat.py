@@ -6,17 +6,15 @@ one; see ``PromptFormat``). A stream sends each choice's ``role`` first, then it
 """
 from __future__ import annotations
 
-from contextlib import aclosing
-
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import APIError
 from .protocol import ChatCompletionRequest
 from .responses import chat_logprobs, envelope, now, sse, usage
-from .runs import Choice, merged_deltas
+from .runs import Choice
 from .state import (ServerState, check_choices, choice_failure, openai_finish_reason, request_id, run_to_end,
-                    start)
+                    sse_events, start)
 
 _FIELDS = set(ChatCompletionRequest.model_fields)
 
@@ -97,16 +95,9 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, choices: list
             out.append(chunk(choice, {"content": delta.text} if delta.text else {}, logprobs, finish))
         return out
 
-    try:
-        async with aclosing(merged_deltas(streams)) as deltas:
-            async for i, delta in deltas:
-                for event in events(choices[i], delta):
-                    yield event
-        if include_usage:
-            yield sse(envelope("chat.completion.chunk", rid, state.model_name, created, [],
-                               usage=usage(prompt_tokens, sum(len(c.token_ids) for c in choices))))
-    except APIError as exc:
-        yield sse(exc.body())
-    except Exception as exc:       # the engine stopped mid-stream
-        yield sse(APIError(503, f"generation stopped: {exc}", code="engine_stopped").body())
-    yield sse("[DONE]")
+    def usage_chunk() -> dict:
+        return envelope("chat.completion.chunk", rid, state.model_name, created, [],
+                        usage=usage(prompt_tokens, sum(len(c.token_ids) for c in choices)))
+
+    async for event in sse_events(streams, choices, events, usage_chunk if include_usage else None):
+        yield event

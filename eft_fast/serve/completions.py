@@ -7,17 +7,15 @@ model sees the same tokens). Choice ``p * n + j`` is choice j of prompt p.
 """
 from __future__ import annotations
 
-from contextlib import aclosing
-
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import APIError
 from .protocol import CompletionRequest
 from .responses import CompletionLogprobs, envelope, merge_completion_logprobs, now, sse, usage
-from .runs import Choice, merged_deltas
+from .runs import Choice
 from .state import (ServerState, check_choices, choice_failure, openai_finish_reason, request_id, run_to_end,
-                    start)
+                    sse_events, start)
 
 _FIELDS = set(CompletionRequest.model_fields) | {"prompt_logprobs"}
 
@@ -161,17 +159,10 @@ async def _stream(state: ServerState, body: CompletionRequest, shaper: _Shaper, 
             out.append(chunk(choice, text, piece, finish))
         return out
 
-    try:
-        async with aclosing(merged_deltas(streams)) as deltas:
-            async for i, delta in deltas:
-                for event in events(choices[i], delta):
-                    yield event
-        if include_usage:
-            prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
-            yield sse(envelope("text_completion", rid, state.model_name, created, [],
-                               usage=usage(prompt_tokens, sum(shaper.completion_tokens(c) for c in choices))))
-    except APIError as exc:
-        yield sse(exc.body())
-    except Exception as exc:       # the engine stopped mid-stream
-        yield sse(APIError(503, f"generation stopped: {exc}", code="engine_stopped").body())
-    yield sse("[DONE]")
+    def usage_chunk() -> dict:
+        prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n])
+        return envelope("text_completion", rid, state.model_name, created, [],
+                        usage=usage(prompt_tokens, sum(shaper.completion_tokens(c) for c in choices)))
+
+    async for event in sse_events(streams, choices, events, usage_chunk if include_usage else None):
+        yield event

@@ -4,14 +4,16 @@ choice (its finish reason or error)."""
 from __future__ import annotations
 
 import secrets
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
 
 from fastapi import Request
 
 from ..engine.async_engine import AsyncEFTEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from .errors import APIError
 from .protocol import MAX_CHOICES
-from .responses import FINISH_REASONS, TokenText, now
+from .responses import FINISH_REASONS, TokenText, now, sse
 from .runs import Choice, abort_on_disconnect, merged_deltas, start_choices
 
 
@@ -105,3 +107,25 @@ def choice_failure(choice: Choice) -> APIError | None:
 
 def openai_finish_reason(choice: Choice) -> str:
     return FINISH_REASONS.get(choice.finish_reason, choice.finish_reason)
+
+
+async def sse_events(streams: list[RequestStream], choices: list[Choice],
+                     events: Callable[[Choice, object], list[str]],
+                     final_chunk: Callable[[], dict] | None = None) -> AsyncIterator[str]:
+    """The SSE events of a streamed response: ``events(choice, delta)`` for every delta as it
+    comes, then ``final_chunk()`` (the usage chunk) if given, then ``data: [DONE]``. An error
+    (an APIError that ``events`` raises for a failed choice, a stopped engine) is one
+    ``data: {"error": ...}`` event before [DONE]. The client leaving cancels this generator,
+    which closes the streams and so aborts their requests."""
+    try:
+        async with aclosing(merged_deltas(streams)) as deltas:
+            async for i, delta in deltas:
+                for event in events(choices[i], delta):
+                    yield event
+        if final_chunk is not None:
+            yield sse(final_chunk())
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception as exc:       # the engine stopped mid-stream
+        yield sse(APIError(503, f"generation stopped: {exc}", code="engine_stopped").body())
+    yield sse("[DONE]")
