@@ -11,10 +11,19 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define EFT_HD __host__ __device__ __forceinline__
-#define EFT_UNROLL _Pragma("unroll")
 #else
 #define EFT_HD inline
+#endif
+// nvcc compiles a .cu file twice: "#pragma unroll" is for the device pass; its host pass warns
+// on either spelling (the loops are device-hot only). Plain C++ gets gcc's own spelling.
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define EFT_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__) || defined(__HIPCC__)
+#define EFT_UNROLL
+#elif defined(__GNUC__) && !defined(__clang__)
 #define EFT_UNROLL _Pragma("GCC unroll 10")
+#else
+#define EFT_UNROLL
 #endif
 
 namespace eft_fast {
@@ -29,7 +38,24 @@ enum RowStatus : int32_t {
   kRowOk = 0,
   kRowNaN = 1,        // a NaN in any input logit of the row
   kRowNoToken = 2,    // every token is masked (-inf score) or filtered out
+  kRowBadParam = 3,   // a sampling parameter out of range (row_params_ok)
 };
+// On every status but kRowOk a backend writes token -1, log-prob NaN and, when asked for the
+// row's log-probs, -inf over the whole row.
+
+// Temperatures in (0, kGreedyTemperature) overflow z / T; callers map them to 0 (greedy),
+// as eft_fast/_validation.py does with GREEDY_TEMPERATURE.
+constexpr float kGreedyTemperature = 1e-5f;
+
+// The parameter ranges the kernels handle; a row outside them gets kRowBadParam. Checked in
+// the kernels, per row, so that a direct torch.ops caller is refused without a host sync.
+// Every comparison is false for NaN.
+EFT_HD bool row_params_ok(float temperature, float weight_top_p, int64_t top_k, float top_p) {
+  const bool temperature_ok = temperature == 0.0f ||
+                              (temperature >= kGreedyTemperature && temperature <= 3.4028235e38f);
+  return temperature_ok && weight_top_p > 0.0f && weight_top_p <= 1.0f && top_k >= 0 && top_p > 0.0f &&
+         top_p <= 1.0f;
+}
 
 // Upper bound (with margin) of the Gumbel noise g = -log(-log(u)), u in
 // [0.5 * 2^-32, 1 - 0.5 * 2^-32]: the largest value, at the word 0xffffffff, is

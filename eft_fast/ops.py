@@ -9,28 +9,33 @@ import torch
 
 from . import _extension
 from ._validation import EFTInputs, normalize_inputs
-from .reference import ROW_NAN, ROW_NO_TOKEN, eft_sample_reference
+from .reference import ROW_BAD_PARAM, ROW_NAN, ROW_NO_TOKEN, eft_sample_reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
 
 class EFTRowError(ValueError):
     """Some rows could not be sampled: a NaN/+inf input logit (or a combination that
-    overflows fp32 in the native kernels), or no allowed token.
+    overflows fp32 in the native kernels), no allowed token, or a sampling parameter out of
+    range (only reachable by calling the op below the validating wrapper).
 
-    ``rows_nan`` and ``rows_no_token`` list the offending row indices.
+    ``rows_nan``, ``rows_no_token`` and ``rows_bad_param`` list the offending row indices.
     """
 
-    def __init__(self, rows_nan: list[int], rows_no_token: list[int]):
+    def __init__(self, rows_nan: list[int], rows_no_token: list[int], rows_bad_param: list[int] = ()):
         parts = []
         if rows_nan:
             parts.append(f"rows {rows_nan} have NaN or +inf logits (or reward weights so large that "
                          "the combined logits overflow float32)")
         if rows_no_token:
             parts.append(f"rows {rows_no_token} have no allowed token (every token masked or filtered)")
+        if rows_bad_param:
+            parts.append(f"rows {list(rows_bad_param)} have a temperature, weight_top_p, top_k or top_p "
+                         "out of range")
         super().__init__("eft_sample: " + "; ".join(parts))
         self.rows_nan = rows_nan
         self.rows_no_token = rows_no_token
+        self.rows_bad_param = list(rows_bad_param)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -123,7 +128,8 @@ def check_status(status: torch.Tensor) -> None:
         return
     rows_nan = (status == ROW_NAN).nonzero().flatten().tolist()
     rows_no_token = (status == ROW_NO_TOKEN).nonzero().flatten().tolist()
-    raise EFTRowError(rows_nan, rows_no_token)
+    rows_bad_param = (status == ROW_BAD_PARAM).nonzero().flatten().tolist()
+    raise EFTRowError(rows_nan, rows_no_token, rows_bad_param)
 
 
 def eft_sample(knowledge, tuned, reference, seeds, positions, *, reward_weights=None, temperature=1.0,

@@ -24,11 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validation import GREEDY_TEMPERATURE
 from .philox import gumbel_noise
 
+# Row status codes of every backend (csrc/eft_math.h, RowStatus). An error row has token -1,
+# log-prob NaN and -inf log-probs.
 ROW_OK = 0
 ROW_NAN = 1  # a NaN (or +inf) input logit
 ROW_NO_TOKEN = 2  # every token masked or filtered out
+ROW_BAD_PARAM = 3  # a sampling parameter out of range (see row_params_ok)
 
 NEG_INF = float("-inf")
 
@@ -160,6 +164,16 @@ def sampling_log_probs(z: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.where(greedy, point, log_pi)
 
 
+def row_params_ok(temperature: torch.Tensor, weight_top_p: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the rows whose parameters the kernels handle (csrc/eft_math.h, row_params_ok):
+    temperature 0 or in [GREEDY_TEMPERATURE, float32 max], weight_top_p and top_p in (0, 1],
+    top_k >= 0. NaN fails every test."""
+    t = temperature.to(torch.float32)
+    t_ok = (t == 0) | ((t >= GREEDY_TEMPERATURE) & (t <= torch.finfo(torch.float32).max))
+    return t_ok & (weight_top_p > 0) & (weight_top_p <= 1) & (top_k >= 0) & (top_p > 0) & (top_p <= 1)
+
+
 def eft_sample_reference(
     knowledge: torch.Tensor | None,
     tuned: torch.Tensor,
@@ -186,6 +200,13 @@ def eft_sample_reference(
     clean = lambda t: None if t is None else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=NEG_INF)  # noqa: E731
     knowledge, tuned, reference = clean(knowledge), clean(tuned), clean(reference)
 
+    params_ok = row_params_ok(temperature, weight_top_p, top_k, top_p)
+    # Rows with bad parameters are reported; harmless stand-ins keep the math below defined.
+    temperature = torch.where(params_ok, temperature, torch.ones_like(temperature))
+    weight_top_p = torch.where(params_ok, weight_top_p, torch.ones_like(weight_top_p))
+    top_k = torch.where(params_ok, top_k, torch.zeros_like(top_k))
+    top_p = torch.where(params_ok, top_p, torch.ones_like(top_p))
+
     s, z = eft_scores(knowledge, tuned, reference, reward_weights.to(torch.float64),
                       weight_top_p.to(torch.float64))
     row_logprobs = masked_log_softmax(z)
@@ -203,8 +224,10 @@ def eft_sample_reference(
     status = torch.full((batch,), ROW_OK, dtype=torch.int32, device=tuned.device)
     status[no_token] = ROW_NO_TOKEN
     status[bad_input] = ROW_NAN
+    status[~params_ok] = ROW_BAD_PARAM
     ok = status == ROW_OK
     tokens = torch.where(ok, tokens, torch.full_like(tokens, -1))
     logprob = row_logprobs.gather(-1, tokens.clamp(min=0)[:, None])[:, 0]
     logprob = torch.where(ok, logprob, torch.full_like(logprob, float("nan")))
+    row_logprobs = torch.where(ok[:, None], row_logprobs, torch.full_like(row_logprobs, NEG_INF))
     return ReferenceOutput(tokens, logprob, row_logprobs, status, s, z, allowed)

@@ -22,8 +22,11 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .._validation import GREEDY_TEMPERATURE
+
 _TWO_POW_MINUS_32 = tl.constexpr(2.3283064365386963e-10)
 _MAX_BLOCK = 1024
+_GREEDY_T = tl.constexpr(GREEDY_TEMPERATURE)
 
 
 @triton.jit
@@ -134,7 +137,7 @@ def _threshold_key(work_row, V, target, frac, lse_or_max, temperature, floor_key
             elif MODE == 1:
                 weight = tl.where(in_row, 1.0, 0.0)
             else:
-                shifted = tl.where(v == float("-inf"), float("-inf"), (v - lse_or_max) / temperature)
+                shifted = tl.where(v == float("-inf"), float("-inf"), tl.math.div_rn(v - lse_or_max, temperature))
                 weight = tl.where(keys >= floor_key, tl.exp(shifted), 0.0)
             hit = keys[:, None] >= candidates[None, :]  # [BLOCK, 16]
             mass += tl.sum(tl.where(hit, weight[:, None], 0.0), axis=0)
@@ -189,6 +192,7 @@ def _eft_sample_kernel(
                 c += tl.where(pair_masked, 0.0, beta * (_unmask(x_t) - _unmask(x_r)))
                 bad = bad | bad_t | bad_r
             c = tl.where(masked, NEG_INF, c)
+            bad = bad | (c != c) | (c == float("inf"))  # the weighted sum overflowed fp32
             m_r0, sum_r0 = _lse_update(m_r0, sum_r0, x_r0)
         else:
             c, bad = _load_logits(t_row, offs, V)
@@ -261,7 +265,7 @@ def _eft_sample_kernel(
         z = tl.load(work_row + offs, mask=in_row, other=NEG_INF)
         allowed = (z != NEG_INF) & (_order_key(z) >= floor_key)
         noise = _gumbel_noise(seed, offs, position, USE_LIBDEVICE)
-        score = tl.where(greedy, z, z / safe_temperature + noise)
+        score = tl.where(greedy, z, tl.math.div_rn(z, safe_temperature) + noise)
         score = tl.where(allowed, score, NEG_INF)
         chunk_best = tl.max(score, axis=0)
         chunk_idx = tl.argmax(score, axis=0, tie_break_left=True)
@@ -274,8 +278,16 @@ def _eft_sample_kernel(
             row_logprob = tl.where(z == NEG_INF, NEG_INF, z - lse_z_safe)
             tl.store(work_row + offs, row_logprob, mask=in_row)
 
-    status = tl.where(bad_row != 0, 1, tl.where(best_idx < 0, 2, 0))
+    # Status order as in the other backends: parameters, then NaN / +inf, then no token.
+    params_ok = (((temperature == 0.0) | ((temperature >= _GREEDY_T) & (temperature <= 3.4028235e38)))
+                 & (weight_top_p > 0.0) & (weight_top_p <= 1.0) & (top_k >= 0) & (top_p > 0.0) & (top_p <= 1.0))
+    status = tl.where(params_ok, tl.where(bad_row != 0, 1, tl.where(best_idx < 0, 2, 0)), 3)
     ok = status == 0
+    if WRITE_LOGPROBS:
+        if status != 0:  # an error row's log-probs are -inf (csrc/eft_math.h, RowStatus)
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                tl.store(work_row + offs, tl.full([BLOCK], NEG_INF, tl.float32), mask=offs < V)
     tl.store(tokens_ptr + row, tl.where(ok, best_idx, -1))
     tl.store(logprob_ptr + row, tl.where(ok, best_z - lse_z_safe, float("nan")))
     tl.store(status_ptr + row, status.to(tl.int32))
@@ -305,7 +317,9 @@ def eft_sample_triton(knowledge, tuned, reference, seeds, positions, reward_weig
     Returns:
         tokens [B] int64 (-1 on error rows), logprob [B] fp32 (NaN on error rows),
         row_logprobs [B, V] fp32 (an empty [0, V] tensor unless return_logprobs),
-        status [B] int32 (0 ok, 1 NaN / +inf input logit, 2 no allowed token).
+        status [B] int32 (0 ok, 1 NaN / +inf input logit or fp32 overflow, 2 no allowed token,
+            3 a sampling parameter out of range); an error row has token -1, log-prob NaN and
+            -inf log-probs.
     No host synchronisation: safe to capture in a CUDA graph.
     """
     num_tuned, batch, _ = tuned.shape

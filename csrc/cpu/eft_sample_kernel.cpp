@@ -726,7 +726,17 @@ void eft_sample_kernel(const EftSampleCpuArgs& a) {
     auto run_row = [&](int64_t b, bool parallel, Scratch& scratch) {
       auto [in, p] = make_row(b);
       float* rows = return_logprobs ? row_logprobs.data_ptr<float>() + b * vocab_size : nullptr;
-      const RowResult r = sample_row(in, p, vocab_size, parallel, scratch, rows);
+      RowResult r;
+      if (row_params_ok(p.temperature, p.weight_top_p, p.top_k, p.top_p)) {
+        r = sample_row(in, p, vocab_size, parallel, scratch, rows);
+      } else {
+        r.status = kRowBadParam;
+      }
+      if (r.status != kRowOk) {
+        // Early exits may leave the row unwritten or half written (eft_math.h: RowStatus).
+        r = RowResult{-1, NAN, r.status};
+        if (rows != nullptr) std::fill(rows, rows + vocab_size, -INFINITY);
+      }
       tokens.data_ptr<int64_t>()[b] = r.token;
       logprob.data_ptr<float>()[b] = r.logprob;
       status.data_ptr<int32_t>()[b] = r.status;

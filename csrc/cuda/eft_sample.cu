@@ -47,6 +47,8 @@ namespace {
 constexpr int kThreads = 1024;
 constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
+// The block reductions merge one value per warp in warp 0, lane w reading warp w's.
+static_assert(kWarps == kWarpSize, "block reductions need exactly one warp's worth of warps");
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxBuckets = 2048;  // the widest radix digit has 11 bits
 static_assert(kMaxBuckets % kThreads == 0, "the bucket scan gives each thread whole buckets");
@@ -416,13 +418,22 @@ __global__ void __launch_bounds__(kThreads) eft_sample_kernel(const EftArgs<T> a
 
   __shared__ RadixShared radix_smem;
 
+  // Called by every thread of the block. An error row's log-probs are -inf (eft_math.h).
   auto finish = [&](int64_t token, float logprob, int32_t status) {
+    if (status != kRowOk && row_logprobs != nullptr) {
+      for (int64_t j = tid; j < vocab; j += kThreads) row_logprobs[j] = -INFINITY;
+    }
     if (tid == 0) {
       a.tokens[b] = token;
       a.logprob[b] = logprob;
       a.status[b] = status;
     }
   };
+
+  if (!row_params_ok(temperature, weight_top_p, top_k, top_p)) {  // the same for every thread
+    finish(-1, NAN, kRowBadParam);
+    return;
+  }
 
   // Pass 1: logits -> c (workspace) and the log-sum-exps of x_K, x_R0 and c.
   const bool knowledge_aligned = knowledge != nullptr && is_aligned16(knowledge);
@@ -549,9 +560,6 @@ __global__ void __launch_bounds__(kThreads) eft_sample_kernel(const EftArgs<T> a
   const float log_z_z = lse_z[0].value();
   const float z_max = lse_z[0].max;
   if (log_z_z == -INFINITY) {
-    if (row_logprobs != nullptr) {
-      for_each_work(work, vocab, [&](int64_t j, float zj) { row_logprobs[j] = zj - log_z_z; });
-    }
     finish(-1, NAN, kRowNoToken);
     return;
   }

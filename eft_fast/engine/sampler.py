@@ -8,12 +8,15 @@ import torch
 
 from .._validation import EFTInputs, normalize_inputs
 from ..ops import resolve_backend, run_backend
-from ..reference import ROW_NAN, ROW_NO_TOKEN, ROW_OK
+from ..reference import ROW_BAD_PARAM, ROW_NAN, ROW_NO_TOKEN, ROW_OK
 from .request import Request
 
-ROW_REJECTED = 3   # engine only: the op rejected the row's parameters (message in SampleResult.errors)
+# The op's parameter status; the engine also gives it to rows whose request the validating
+# wrapper refused (its message in SampleResult.errors).
+ROW_REJECTED = ROW_BAD_PARAM
 _ROW_MESSAGES = {ROW_NAN: "sampling failed: NaN or infinite logits",
-                 ROW_NO_TOKEN: "sampling failed: every token was masked or filtered"}
+                 ROW_NO_TOKEN: "sampling failed: every token was masked or filtered",
+                 ROW_BAD_PARAM: "sampling failed: a sampling parameter is out of range"}
 
 
 @dataclass(frozen=True)
