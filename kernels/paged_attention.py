@@ -4,11 +4,15 @@ Every sequence s owns the query rows query_start_loc[s] : query_start_loc[s + 1]
 context of L = seq_lens[s] cache positions, the last q_len of which are this step's own tokens (their
 K/V already written). Query row i sits at position L - q_len + i and attends to positions 0 .. that one.
 
-Grid (S, Hkv, cdiv(max_query_len, BLOCK_Q)), fixed by host ints only (CUDA-graph capturable). One
-program takes BLOCK_Q query tokens of one sequence together with all G = Hq / Hkv query heads that
-share kv head h: its BLOCK_M = BLOCK_Q * G_PAD rows (row m is token m // G_PAD, head m % G_PAD) read
-each K/V tile once, which is what makes GQA decode (q_len = 1) fill a tensor-core tile. Programs past
-their sequence's q_len return at once, so padding sequences (q_len = 0) cost one load each.
+Grid (cdiv(max_query_len, BLOCK_Q) * PARTS, Hkv, S), fixed by host ints only (CUDA-graph
+capturable); the query tiles take axis 0 (up to 2^31 - 1 programs), so a long prompt never meets
+the 65535 limit of the other axes. One program takes BLOCK_Q query tokens of one sequence together
+with HEADS of the G = Hq / Hkv query heads that share kv head h: its BLOCK_M = BLOCK_Q * HEADS rows
+(row m is token m // HEADS, head m % HEADS) read each K/V tile once, which is what makes GQA decode
+(q_len = 1) fill a tensor-core tile. HEADS is the whole (padded) group unless the group is wider
+than the tile (MQA, or fp32 with G > 16); the group is then split over PARTS programs. Every
+layout reads the context's K/V T * G / BLOCK_M times for T query tokens. Programs past their
+sequence's q_len return at once, so padding sequences (q_len = 0) cost one load each.
 
 The key loop walks cache positions in BLOCK_N tiles; every position gathers its physical block from
 the block table (position // block_size), so any power-of-two block_size works with any BLOCK_N. Tiles
@@ -20,12 +24,15 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_GRID_X = 2**31 - 1   # CUDA's launch limits per grid axis
+_MAX_GRID_YZ = 65535
 _LOG2E = 1.4426950408889634
 
 
@@ -80,13 +87,14 @@ def _paged_attention_kernel(
     stride_ot, stride_oh,
     stride_bt,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, PARTS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    q_tile = tl.program_id(0) // PARTS
+    part = tl.program_id(0) % PARTS
     kv_head = tl.program_id(1)
-    q_tile = tl.program_id(2)
+    seq = tl.program_id(2)
 
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
@@ -95,8 +103,8 @@ def _paged_attention_kernel(
     ctx_len = tl.load(seq_lens_ptr + seq)
 
     offs_m = tl.arange(0, BLOCK_M)
-    q_idx = q_tile * BLOCK_Q + offs_m // GROUP_PAD  # token within the sequence
-    g = offs_m % GROUP_PAD
+    q_idx = q_tile * BLOCK_Q + offs_m // HEADS  # token within the sequence
+    g = part * HEADS + offs_m % HEADS  # query head within the group
     head = kv_head * GROUP + g
     row_ok = (q_idx < q_len) & (g < GROUP)
     q_pos = ctx_len - q_len + q_idx  # absolute position of each row
@@ -160,21 +168,52 @@ def _check_int32(name: str, t, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _launch_config(group_pad: int, max_query_len: int, head_dim_pad: int, dtype: torch.dtype):
-    """(BLOCK_Q, BLOCK_M, BLOCK_N, num_warps, num_stages). tl.dot needs every dim >= 16.
+class LaunchPlan(NamedTuple):
+    """Tile sizes and grid of one call (host ints only)."""
+
+    heads: int       # query heads per program (a power of two)
+    parts: int       # programs that share a group of G query heads
+    block_q: int     # query tokens per program
+    block_m: int     # block_q * heads rows per program
+    block_n: int     # keys per tile
+    num_warps: int
+    num_stages: int
+    grid: tuple[int, int, int]
+
+
+def _launch_config(group: int, max_query_len: int, head_dim_pad: int, dtype: torch.dtype):
+    """(HEADS, BLOCK_M, BLOCK_N, num_warps, num_stages). tl.dot needs every dim >= 16.
 
     Sizes checked against ptxas for sm_90 (no register spills up to D = 256). fp32 inputs take
-    the ieee (FMA) dot, whose operands live in registers: only 16 x 16 tiles stay unspilled.
+    the ieee (FMA) dot, whose operands live in registers: only 16 x 16 tiles stay unspilled;
+    16-bit tiles stop at 64 rows. A group wider than the tile is split (HEADS < G).
     """
+    group_pad = triton.next_power_of_2(group)
     if dtype == torch.float32:
-        block_m, block_n, num_warps = max(16, group_pad), 16, 4
+        block_m, block_n, num_warps = 16, 16, 4
     else:
         rows_wanted = max_query_len * group_pad
         block_m = 16 if rows_wanted <= 16 else (32 if rows_wanted <= 32 else 64)
-        block_m = max(block_m, group_pad)
         block_n = 64 if head_dim_pad <= 128 else 32
-        num_warps = 4 if head_dim_pad <= 128 and block_m <= 64 else 8
-    return block_m // group_pad, block_m, block_n, num_warps, 2
+        num_warps = 4 if head_dim_pad <= 128 else 8
+    return min(group_pad, block_m), block_m, block_n, num_warps, 2
+
+
+def launch_plan(num_seqs: int, num_kv_heads: int, group: int, max_query_len: int, head_dim_pad: int,
+                dtype: torch.dtype) -> LaunchPlan:
+    """The tiles and grid for S sequences, Hkv kv heads, G query heads per kv head and a host
+    bound on q_len. Raises ValueError past the launch limits of the grid's axes."""
+    heads, block_m, block_n, num_warps, num_stages = _launch_config(group, max_query_len, head_dim_pad, dtype)
+    block_q = block_m // heads
+    parts = triton.cdiv(group, heads)
+    grid = (triton.cdiv(max_query_len, block_q) * parts, num_kv_heads, num_seqs)
+    if grid[0] > _MAX_GRID_X:
+        raise ValueError(f"max_query_len = {max_query_len} needs {grid[0]} programs on the grid's first axis "
+                         f"(limit {_MAX_GRID_X}); split the prompt into chunks")
+    if num_seqs > _MAX_GRID_YZ or num_kv_heads > _MAX_GRID_YZ:
+        raise ValueError(f"block_tables has {num_seqs} sequences and key_cache {num_kv_heads} kv heads; "
+                         f"each must be <= {_MAX_GRID_YZ} (the grid limit of a launch)")
+    return LaunchPlan(heads, parts, block_q, block_m, block_n, num_warps, num_stages, grid)
 
 
 def paged_attention_triton(
@@ -271,15 +310,12 @@ def paged_attention_triton(
     if num_tokens == 0 or num_seqs == 0 or max_query_len == 0:
         return out
 
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    block_q, block_m, block_n, num_warps, num_stages = _launch_config(
-        group_pad, max_query_len, head_dim_pad, query.dtype)
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
+    plan = launch_plan(num_seqs, num_kv_heads, num_heads // num_kv_heads, max_query_len, head_dim_pad,
+                       query.dtype)
 
     def launch():
-        _paged_attention_kernel[grid](
+        _paged_attention_kernel[plan.grid](
             query, key_cache, value_cache, out,
             block_tables, seq_lens, query_start_loc,
             float(scale) * _LOG2E, block_tables.shape[1],
@@ -289,14 +325,14 @@ def paged_attention_triton(
             out.stride(0), out.stride(1),
             block_tables.stride(0),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            GROUP=group, GROUP_PAD=group_pad,
-            BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+            GROUP=num_heads // num_kv_heads, HEADS=plan.heads, PARTS=plan.parts,
+            BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
             PAGE=block_size,
             # fp32 inputs keep full fp32 products (tf32 would cost ~1e-3 relative error).
             INPUT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             # The interpreter's tl.dot multiplies the raw bits of bf16 operands: widen them first.
             DOT_IN_FP32=_interpreting() and query.dtype == torch.bfloat16,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=plan.num_warps, num_stages=plan.num_stages,
         )
 
     if device.type == "cuda":

@@ -153,9 +153,34 @@ def test_small_tiles(rng, monkeypatch, dtype):
     # ones and the causal diagonal) and several query tiles per sequence, at the interpreter's sizes.
     # (4, 18): the first query row sits at position 14, so key 15 closes an unmasked-looking tile
     # that row must still not see.
-    monkeypatch.setattr(pa, "_launch_config", lambda group_pad, *_: (16 // group_pad, 16, 16, 4, 2))
+    monkeypatch.setattr(pa, "_launch_config", lambda group, *_: (triton.next_power_of_2(group), 16, 16, 4, 2))
     specs = [(20, 20), (9, 38), (1, 40), (0, 3), (2, 17), (4, 18)]
     check(make_batch(rng, specs, 4, 2, 64, 4, dtype))
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,dtype", [
+    (32, 1, torch.float16),    # MQA: 32 heads fill the 16-bit tile at decode, split over 2 programs at prefill
+    (64, 1, torch.bfloat16),   # MQA wider than any tile: 64 heads in one 64-row tile or split
+    (48, 2, torch.float32),    # fp32 groups of 24: padded to 32, split over 2 programs of 16 heads
+    (12, 1, torch.float32),    # a group of 12 padded to 16 in one program
+], ids=["mqa32-fp16", "mqa64-bf16", "g24-fp32", "g12-fp32"])
+def test_groups_wider_than_the_tile(rng, num_heads, num_kv_heads, dtype):
+    specs = [(9, 9), (1, 21), (4, 13), (0, 5)]  # prefill, decode, verify and padding in one call
+    plan = pa.launch_plan(len(specs), num_kv_heads, num_heads // num_kv_heads, 9, 16, dtype)
+    assert plan.block_m <= (16 if dtype == torch.float32 else 64) and plan.heads * plan.block_q == plan.block_m
+    check(make_batch(rng, specs, num_heads, num_kv_heads, 16, 4, dtype))
+
+
+def test_launch_plan_respects_the_grid_limits():
+    # A 100k-token prompt of an MQA model: the query tiles go on the grid's first axis (2^31 - 1),
+    # never on an axis limited to 65535 as when one program took a single token.
+    for dtype in (torch.float32, torch.bfloat16):
+        plan = pa.launch_plan(1, 1, 64, 100_000, 128, dtype)
+        assert plan.grid[0] == triton.cdiv(100_000, plan.block_q) * plan.parts > 65535
+        assert plan.grid[1:] == (1, 1)
+    assert pa.launch_plan(3, 8, 4, 1, 128, torch.bfloat16).grid == (1, 8, 3)  # decode: one program per head group
+    with pytest.raises(ValueError, match="65535"):
+        pa.launch_plan(70_000, 8, 4, 1, 128, torch.bfloat16)
 
 
 def test_layout_does_not_change_result(rng):
