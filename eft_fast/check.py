@@ -17,6 +17,8 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .child_env import child_python_env
+
 STAGE_TIMEOUT_S = 3600
 
 
@@ -33,7 +35,7 @@ class StageResult:
 def _run(command: list[str], timeout_s: float) -> tuple[int, str, float]:
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=child_python_env())
         code, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as e:
         code, output = -1, f"timed out after {timeout_s} s\n{e.stdout or ''}"

@@ -2,7 +2,6 @@
 waited for until /health answers, and always stopped (SIGTERM, then SIGKILL)."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -12,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from ..child_env import child_python_env
 
 START_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 15
@@ -68,7 +69,7 @@ def running_server(serve_args: list[str], log_dir: Path, *, threads: int | None 
     log_path = Path(log_dir) / f"server-{port}.log"
     command = [sys.executable, "-m", "eft_fast.cli", "serve", *serve_args, "--host", "127.0.0.1",
                "--port", str(port)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = child_python_env(TOKENIZERS_PARALLELISM="false")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "wb") as log:
