@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
+import time
 from contextlib import aclosing
 
 import pytest
@@ -162,3 +165,110 @@ def test_shutdown_ends_requests_and_refuses_new_ones(family):
     assert not engine.is_running
     assert_idle(engine)
     engine.shutdown()                                # twice is fine
+
+
+def test_an_add_queued_when_the_thread_dies_is_refused_not_left_waiting(family):
+    """step() lets an exception through (a lost tensor-parallel group) while an add waits in
+    the queue: the add raises EngineDeadError instead of waiting forever."""
+    engine = AsyncEFTEngine(tiny_engine(family))
+    try:
+        async def main():
+            params = eft_fast.SamplingParams(max_tokens=10_000, ignore_eos=True)
+            stream = await engine.add([1, 2, 3], params)
+            await anext(stream)
+            step_started = threading.Event()
+
+            def dying_step():
+                step_started.set()
+                time.sleep(0.3)                       # the next add is queued meanwhile
+                raise SystemError("the tensor-parallel group is gone")
+
+            engine.engine.step = dying_step
+            await asyncio.get_running_loop().run_in_executor(None, step_started.wait, 10)
+            with pytest.raises(EngineDeadError):
+                await asyncio.wait_for(engine.add([4, 5], params), 10)
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            with pytest.raises(EngineDeadError):      # and every later add
+                await asyncio.wait_for(engine.add([6], params), 10)
+
+        run(main())
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_an_add_racing_shutdown_is_answered(family, attempt):
+    """An add queued while shutdown() stops the thread gets either EngineDeadError or a stream
+    that ends (aborted), never silence (the stop and the add can land in one batch of commands)."""
+    engine = AsyncEFTEngine(tiny_engine(family))
+    try:
+        async def main():
+            params = eft_fast.SamplingParams(max_tokens=10_000, ignore_eos=True)
+            stream = await engine.add([1, 2, 3], params)
+            await anext(stream)
+            racing = asyncio.ensure_future(engine.add([4, 5], params))
+            await asyncio.sleep(0.001 * attempt)
+            await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+            try:
+                late = await asyncio.wait_for(racing, 10)
+            except EngineDeadError:
+                return "refused"
+            try:
+                deltas = [d async for d in late]
+            except EngineDeadError:
+                return "ended"
+            assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
+            return "ended"
+
+        assert run(main()) in ("refused", "ended")
+    finally:
+        engine.shutdown()
+
+
+def test_max_waiting_admits_a_client_request_as_a_whole(family):
+    """The n choices of one client request are admitted together: on an idle engine with
+    max_waiting=1 a request with 3 choices runs; while its choices wait, the next is refused."""
+    from eft_fast.serve.runs import Choice, start_choices
+
+    engine = AsyncEFTEngine(tiny_engine(family), max_waiting=1)
+    try:
+        async def main():
+            params = eft_fast.SamplingParams(max_tokens=2)
+            choices = [Choice(j, [1, 2, 3], params) for j in range(3)]
+            streams = await start_choices(engine, choices)
+            with pytest.raises(EngineOverloadedError):
+                await start_choices(engine, [Choice(0, [4], params)])
+            for stream in streams:
+                async for _ in stream:
+                    pass
+            return len(streams)
+
+        assert run(main()) == 3
+        assert engine.stats()["num_requests_waiting_first_token"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_dropped_stream_gives_its_waiting_slot_back(family):
+    engine = AsyncEFTEngine(tiny_engine(family), max_waiting=1)
+    try:
+        async def main():
+            params = eft_fast.SamplingParams(max_tokens=50, ignore_eos=True)
+            stream = await engine.add([1, 2, 3], params)
+            assert engine.stats()["num_requests_waiting_first_token"] == 1
+            del stream
+            gc.collect()
+            await asyncio.sleep(0.01)                 # the release runs on the loop
+            assert engine.stats()["num_requests_waiting_first_token"] == 0
+            return await collect(engine, [4, 5], eft_fast.SamplingParams(max_tokens=2))
+
+        assert len(run(main())[0]) >= 1
+        for _ in range(100):                           # the dropped request is aborted
+            if not engine.engine._requests:
+                break
+            time.sleep(0.05)
+        assert_idle(engine)
+    finally:
+        engine.shutdown()

@@ -292,3 +292,19 @@ def test_find_stop_incrementally_matches_full_scan(stops, rng):
                 break
         full_hits = [text.find(s) for s in stops if s in text]
         assert cut == (min(full_hits) if full_hits else None), (pieces, text)
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_value_error():
+    """Templates raise jinja2 errors for messages they do not take (e.g. "roles must
+    alternate"): that is the caller's input, so a ValueError naming the messages, not a crash."""
+    from jinja2.exceptions import TemplateError
+
+    class Tokenizer:
+        chat_template = "{{ raise_exception('roles must alternate') }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(ValueError, match="messages: .*roles must alternate"):
+        PromptFormat(kind="chat").render(messages, Tokenizer())

@@ -253,6 +253,7 @@ ERROR_CASES = {
     "reward weights": ("/v1/completions", {**COMPLETION, "reward_weights": [0.5, 0.5]}, 400, "reward_weights"),
     "empty prompt": ("/v1/completions", {**COMPLETION, "prompt": []}, 400, "prompt"),
     "token outside vocabulary": ("/v1/completions", {**COMPLETION, "prompt": [1, 10**9]}, 400, "prompt"),
+    "negative token id": ("/v1/completions", {**COMPLETION, "prompt": [1, -1]}, 400, "prompt"),
     "prompt too long": ("/v1/completions", {**COMPLETION, "prompt": "word " * 600}, 400, "prompt"),
     "missing prompt": ("/v1/completions", {"model": MODEL_NAME}, 400, "prompt"),
     "unknown model": ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 404, "model"),

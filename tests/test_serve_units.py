@@ -6,7 +6,7 @@ import asyncio
 import re
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from eft_fast.serve.errors import BodyLimit
 from eft_fast.serve.metrics import render_metrics
@@ -109,3 +109,83 @@ def test_logprob_shapes():
                                  "top_logprobs": [{"token": "bc", "logprob": -0.1, "bytes": [98, 99]},
                                                   {"token": "a", "logprob": -3.0, "bytes": [97]}]}]}
     assert sse({"a": 1}) == 'data: {"a": 1}\n\n' and sse("[DONE]") == "data: [DONE]\n\n"
+
+
+class _PromptBody(BaseModel):
+    prompt: str
+
+
+def test_body_limit_answers_413_to_a_streamed_body_through_fastapi():
+    """A body without Content-Length that grows past the limit: 413 from the real app stack
+    (FastAPI's body parser would turn an error raised inside its own read into 400)."""
+    import httpx
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.add_middleware(BodyLimit, max_bytes=100)
+
+    @app.post("/x")
+    async def endpoint(body: _PromptBody):
+        return {"length": len(body.prompt)}
+
+    async def main():
+        async def chunks(size):
+            yield b'{"prompt": "'
+            yield b"a" * size
+            yield b'"}'
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            big = await client.post("/x", content=chunks(500), headers={"content-type": "application/json"})
+            small = await client.post("/x", content=chunks(50), headers={"content-type": "application/json"})
+            return big, small
+
+    big, small = asyncio.run(main())
+    assert big.status_code == 413 and "larger than 100 bytes" in big.text
+    assert small.status_code == 200 and small.json() == {"length": 50}
+
+
+def test_streamed_echo_is_sent_once_when_the_prompt_is_prefilled_in_chunks():
+    """Chunked prefill gives a request empty deltas before its first token: the echoed prompt
+    must still be the stream's first chunk, once."""
+    import json
+    from types import SimpleNamespace
+
+    from eft_fast.engine.outputs import StreamDelta
+    from eft_fast.engine.sampling_params import SamplingParams
+    from eft_fast.serve import completions
+    from eft_fast.serve.responses import TokenText
+    from eft_fast.serve.runs import Choice
+
+    class Tokens:
+        def decode(self, ids):
+            return "".join(f"<{i}>" for i in ids)
+
+    state = SimpleNamespace(token_text=TokenText(Tokens()), model_name="m")
+    body = CompletionRequest(model="m", prompt=[1, 2, 3], echo=True, stream=True, max_tokens=2)
+    choices = [Choice(0, [1, 2, 3], SamplingParams(max_tokens=2), prompt_ids=[1, 2, 3])]
+    deltas = [StreamDelta(0, [], ""), StreamDelta(0, [], ""), StreamDelta(0, [7], "x"),
+              StreamDelta(0, [8], "y", finished=True, finish_reason="length")]
+
+    class Stream:
+        def __init__(self):
+            self._deltas = iter(deltas)
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            try:
+                return next(self._deltas)
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+        def close(self):
+            pass
+
+    async def main():
+        shaper = completions._Shaper(state, body, ["PROMPT"])
+        return [e async for e in completions._stream(state, body, shaper, choices, [Stream()], "id", 0)]
+
+    events = asyncio.run(main())
+    texts = [json.loads(e[len("data: "):])["choices"][0]["text"] for e in events if e.startswith("data: {")]
+    assert texts == ["PROMPT", "x", "y"]

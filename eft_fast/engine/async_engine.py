@@ -115,18 +115,19 @@ class AsyncEFTEngine:
         num_requests_waiting_first_token."""
         return {**self._snapshot, **self._counters, "num_requests_waiting_first_token": self._waiting_first_token}
 
-    async def add(self, prompt: str | Sequence[int] | list[dict], params: SamplingParams | None = None
-                  ) -> "RequestStream":
+    async def add(self, prompt: str | Sequence[int] | list[dict], params: SamplingParams | None = None, *,
+                  check_overload: bool = True) -> "RequestStream":
         """Queue one request; returns the async iterator of its deltas once the engine took it.
 
         Raises TypeError / ValueError for a bad prompt or params, or a prompt too long for a
-        model's context; :class:`EngineOverloadedError` past ``max_waiting``;
-        :class:`EngineDeadError` once the engine has stopped. Closing the stream before its
-        last delta (``aclose()``, or dropping it) aborts the request and frees its KV blocks
-        at the engine's next turn.
+        model's context; :class:`EngineOverloadedError` past ``max_waiting`` (unless
+        ``check_overload`` is False: the later parts of one client request that was admitted
+        as a whole); :class:`EngineDeadError` once the engine has stopped, also when it stops
+        while the request is queued. Closing the stream before its last delta (``aclose()``,
+        or dropping it) aborts the request and frees its KV blocks at the engine's next turn.
         """
         self._check_alive()
-        if self.max_waiting is not None and self._waiting_first_token >= self.max_waiting:
+        if check_overload and self.max_waiting is not None and self._waiting_first_token >= self.max_waiting:
             raise EngineOverloadedError(f"{self._waiting_first_token} requests are waiting for their first token "
                                         f"(max_waiting={self.max_waiting})")
         loop = asyncio.get_running_loop()
@@ -134,6 +135,9 @@ class AsyncEFTEngine:
                    next(self._handles), loop.create_future())
         stream = RequestStream(self, add.handle, add.sink)
         self._commands.put(add)
+        if self._dead is not None:
+            # The thread may have drained the queue before this add arrived: nobody else answers it.
+            _resolve(loop, add.accepted, EngineDeadError(f"the engine has stopped: {self._dead}"))
         try:
             stream.prompt_tokens = await add.accepted      # raises the add's TypeError / ValueError
         except BaseException:
@@ -192,6 +196,7 @@ class AsyncEFTEngine:
                 commands = self._take_commands(block=not busy)
                 if any(isinstance(c, _Stop) and c.final for c in commands):
                     self._abort_everything(sinks, by_handle)
+                    self._refuse_adds(commands)
                     return
                 acted = False
                 for command in commands:
@@ -206,6 +211,18 @@ class AsyncEFTEngine:
             self._dead = exc
             for _, sink in sinks.values():
                 sink.put(EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
+        finally:
+            # _dead is set first, so an add queued after this drain answers itself (see add()).
+            if self._dead is None:
+                self._dead = EngineDeadError("the engine thread stopped")
+            self._refuse_adds(self._take_commands(block=False))
+
+    def _refuse_adds(self, commands: list) -> None:
+        """Fail the adds among ``commands`` with EngineDeadError (the thread is stopping)."""
+        for command in commands:
+            if isinstance(command, _Add):
+                _resolve(command.sink.loop, command.accepted,
+                         EngineDeadError(f"the engine has stopped: {self._dead}"))
 
     def _take_commands(self, block: bool) -> list:
         commands = []
@@ -281,9 +298,8 @@ class RequestStream:
         self._engine, self._sink = engine, sink
         self.prompt_tokens: dict[str, int] | int = 0
         self._finished = False
-        self._counted_first = False
-        engine._waiting_first_token += 1
-        self._abort_on_drop = weakref.finalize(self, engine._commands.put, _Abort(handle))
+        self._waiting = _WaitingSlot(engine, sink.loop)
+        self._abort_on_drop = weakref.finalize(self, _drop_stream, engine, handle, self._waiting)
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -304,9 +320,7 @@ class RequestStream:
         return item
 
     def _first_token(self) -> None:
-        if not self._counted_first:
-            self._counted_first = True
-            self._engine._waiting_first_token -= 1
+        self._waiting.release()
 
     def close(self) -> None:
         """Abort the request unless it finished (idempotent)."""
@@ -316,6 +330,30 @@ class RequestStream:
 
     async def aclose(self) -> None:
         self.close()
+
+
+class _WaitingSlot:
+    """A stream's place in ``num_requests_waiting_first_token``, held from the add until its
+    first token (or its end). Released on the stream's event loop."""
+
+    def __init__(self, engine: AsyncEFTEngine, loop: asyncio.AbstractEventLoop):
+        self._engine, self._loop, self._held = engine, loop, True
+        engine._waiting_first_token += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._engine._waiting_first_token -= 1
+
+
+def _drop_stream(engine: AsyncEFTEngine, handle: int, waiting: _WaitingSlot) -> None:
+    """A stream was garbage-collected before its end (in any thread): abort its request and
+    give its waiting slot back."""
+    engine._commands.put(_Abort(handle))
+    try:
+        waiting._loop.call_soon_threadsafe(waiting.release)
+    except RuntimeError:                       # the loop is closed: nobody counts any more
+        pass
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, exc: BaseException | None,

@@ -187,7 +187,12 @@ class PromptFormat:
             if not getattr(tokenizer, "chat_template", None):
                 raise ValueError("prompt format 'chat' needs a tokenizer with a chat_template")
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            from jinja2.exceptions import TemplateError
+
+            try:
+                return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except TemplateError as exc:   # e.g. "roles must alternate": the caller's messages
+                raise ValueError(f"messages: the model's chat template refused them: {exc}") from exc
         if not isinstance(prompt, str):
             prompt = transcript(prompt)
         if kind == "template":

@@ -49,9 +49,6 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     if not await run_to_end(request, streams, choices):
         return Response(status_code=499)       # the client left; nobody reads this
-    failure = next((f for f in map(choice_failure, choices) if f is not None), None)
-    if failure is not None:
-        raise failure
     out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
             "logprobs": chat_logprobs(state.token_text, c.token_ids, c.logprobs, c.top_logprobs) if body.logprobs
             else None,

@@ -38,7 +38,14 @@ def _prompts(state: ServerState, prompt) -> list[tuple[str, list[int]]]:
         else:
             if not p:
                 raise APIError(400, "prompt: a token-id prompt is empty", param="prompt")
-            out.append((state.tokenizer.decode(p), list(p)))
+            if min(p) < 0:
+                raise APIError(400, f"prompt: token ids must be >= 0, got {min(p)}", param="prompt")
+            try:
+                text = state.tokenizer.decode(p)
+            except (OverflowError, IndexError, TypeError, ValueError) as exc:
+                raise APIError(400, f"prompt: the tokenizer cannot decode these token ids ({exc})",
+                               param="prompt") from None
+            out.append((text, list(p)))
     return out
 
 
@@ -108,9 +115,6 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     if not await run_to_end(request, streams, choices):
         return Response(status_code=499)       # the client left; nobody reads this
-    failure = next((f for f in map(choice_failure, choices) if f is not None), None)
-    if failure is not None:
-        raise failure
     out = []
     for choice in choices:
         logprobs = CompletionLogprobs(state.token_text)
@@ -138,6 +142,7 @@ async def _stream(state: ServerState, body: CompletionRequest, shaper: _Shaper, 
     include_usage = options is not None and options.include_usage
     continuous = options is not None and options.continuous_usage_stats
     logprobs = {c.index: CompletionLogprobs(state.token_text) for c in choices}
+    echoed: set[int] = set()   # a prompt split over chunked-prefill steps gives several empty deltas
 
     def chunk(choice: Choice, text: str, piece, finish_reason=None) -> str:
         extra = {"usage": usage(len(choice.prompt_ids), shaper.completion_tokens(choice))} if continuous else {}
@@ -146,13 +151,15 @@ async def _stream(state: ServerState, body: CompletionRequest, shaper: _Shaper, 
                             **extra))
 
     def events(choice: Choice, delta) -> list[str]:
-        first = not choice.token_ids and not choice.finish_reason
         start_token = len(choice.token_ids)
         choice.absorb(delta)
         failure = choice_failure(choice)
         if failure is not None:
             raise failure
-        out = [chunk(choice, *shaper.echo(choice, logprobs[choice.index]))] if body.echo and first else []
+        out = []
+        if body.echo and choice.index not in echoed:
+            echoed.add(choice.index)
+            out.append(chunk(choice, *shaper.echo(choice, logprobs[choice.index])))
         text, piece = shaper.generated(choice, start_token, delta.text, logprobs[choice.index])
         finish = shaper.finish_reason(choice) if delta.finished else None
         if text or finish is not None or (piece is not None and piece["tokens"]):

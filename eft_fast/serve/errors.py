@@ -80,7 +80,9 @@ async def validation_error_handler(_: Request, exc: RequestValidationError) -> J
 
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` (declared or streamed) is answered
-    with 413 before the application reads it whole."""
+    with 413 before the application sees it. The body is read here (at most ``max_bytes``)
+    and replayed to the application: a limit raised inside the application's own read would
+    reach FastAPI's body parser, which answers 400."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -91,21 +93,24 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        messages, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break                          # the client left: let the application see it
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+        replay = iter(messages)
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def replayed_receive():
+            message = next(replay, None)
+            return message if message is not None else await receive()
+
+        await self.app(scope, replayed_receive, send)
 
     async def _refuse(self, send) -> None:
         body = json.dumps(error_body(413, f"the request body is larger than {self.max_bytes} bytes")).encode()
@@ -113,6 +118,3 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-
-class _TooLarge(Exception):
-    pass

@@ -47,11 +47,12 @@ class Choice:
 
 
 async def start_choices(engine: AsyncEFTEngine, choices: list[Choice]) -> list[RequestStream]:
-    """Queue every choice's engine request; if one is refused, close the others and re-raise."""
+    """Queue every choice's engine request; if one is refused, close the others and re-raise.
+    The client request is admitted or refused as a whole (max_waiting is checked once)."""
     streams: list[RequestStream] = []
     try:
-        for choice in choices:
-            streams.append(await engine.add(choice.prompt, choice.params))
+        for i, choice in enumerate(choices):
+            streams.append(await engine.add(choice.prompt, choice.params, check_overload=i == 0))
     except BaseException:
         for stream in streams:
             stream.close()

@@ -83,16 +83,22 @@ async def start(state: ServerState, choices: list[Choice], fields: set[str], pro
 
 
 async def run_to_end(request: Request, streams: list[RequestStream], choices: list[Choice]) -> bool:
-    """Feed every delta to its choice until all finished; False if the client left first."""
+    """Feed every delta to its choice until all finished (a non-streamed response). False if
+    the client left first; raises the first failed choice's APIError."""
     async def work():
         async for i, delta in merged_deltas(streams):
             choices[i].absorb(delta)
         return True
 
     try:
-        return bool(await abort_on_disconnect(request, work()))
+        if not await abort_on_disconnect(request, work()):
+            return False
     except EngineDeadError as exc:
         raise APIError(503, str(exc), code="engine_stopped") from None
+    failure = next((f for f in map(choice_failure, choices) if f is not None), None)
+    if failure is not None:
+        raise failure
+    return True
 
 
 def choice_failure(choice: Choice) -> APIError | None:
