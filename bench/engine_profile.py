@@ -47,7 +47,7 @@ def main(path: str) -> None:
     data = json.load(open(path))
     print(f"{data['command']}  ({data['device']}, {data['threads']} threads)")
     for w in data["workloads"]:
-        keys = ["naive", "eft", f"spec_k{w['best_k']}"]
+        keys = [k for k in ("naive", "naive_batched", "eft", f"spec_k{w['best_k']}") if k in w["columns"]]
         table = {key: per_token(w["columns"][key]) for key in keys}
         print(f"\n{w['name']}: ms per generated token")
         names = list(table["eft"])

@@ -28,10 +28,12 @@ def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
     assert data["models"]["kind"] == "synthetic"
     assert set(data["models"]["parameters"]) == {"knowledge", "tuned", "reference"}
     assert data["sampling"]["temperature"] == 1.0
-    assert [w["key"] for w in data["workloads"]] == ["batch1", "concurrent16"]
-    assert [w["concurrency"] for w in data["workloads"]] == [1, 16]
-    for w in data["workloads"]:
-        assert list(w["columns"]) == COLUMN_ORDER
+    assert [w["key"] for w in data["workloads"]] == ["batch1", "concurrent16", "mixed8"]
+    assert [w["concurrency"] for w in data["workloads"]] == [1, 16, 8]
+    batch1, concurrent, mixed = data["workloads"]
+    assert list(batch1["columns"]) == [k for k in COLUMN_ORDER if k != "naive_batched"]
+    assert list(concurrent["columns"]) == COLUMN_ORDER
+    for w in (batch1, concurrent):
         assert w["best_k"] in SPEC_KS
         assert w["identical"] is True
         for key, c in w["columns"].items():
@@ -50,8 +52,16 @@ def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
         assert rejection["identical"] is None
         assert w["columns"]["eft"]["acceptance_rate"] is None
         assert w["speedup_vs_naive"]["naive"] == pytest.approx(1.0)
+    assert concurrent["speedup_vs_naive_batched"]["naive_batched"] == pytest.approx(1.0)
+    # Mixed lengths: eft_fast EFT and the naive batched loop on long-tailed max_tokens in [4, 32].
+    assert list(mixed["columns"]) == ["naive_batched", "eft"] and mixed["best_k"] is None
+    lengths = mixed["max_tokens_each"]
+    assert len(lengths) == 8 and all(4 <= n <= 32 for n in lengths) and mixed["max_tokens"] == max(lengths)
+    for c in mixed["columns"].values():
+        assert c["tokens"] == sum(lengths) and c["tokens_per_s"] > 0
     assert data["identical"] is True
-    assert len(data["targets"]) == 3
+    assert [t["workload"] for t in data["targets"]] == ["batch1", "concurrent16", "batch1", "batch1", "concurrent16",
+                                                        "concurrent16", "mixed8"]
     for target in data["targets"]:
         assert target["measured"] > 0 and isinstance(target["met"], bool)
     try:

@@ -3,9 +3,12 @@
     eft-fast bench [--quick] [--knowledge K --tuned T --reference R] [--device D] [--dtype D]
                    [--threads N] [--out DIR]
 
-Two workloads, each on the same prompts and seeds for every column, in one run:
+Three workloads, each on the same prompts and seeds for every column, in one run:
   * batch 1: a few prompts, one request at a time;
-  * 16 concurrent: 16 requests submitted together (aggregate tokens/s).
+  * 16 concurrent: 16 equal-length requests submitted together (aggregate tokens/s);
+  * 64 mixed lengths: 64 requests submitted together whose max_tokens are log-uniform in
+    [8, 256] (seeded), where continuous batching matters; columns eft_fast EFT and the naive
+    batched loop only.
 Columns (temperature 1, weight_top_p 0.9, EOS ignored, so every column generates the same
 number of tokens):
   tuned alone       the small tuned model sampled by itself (EFTEngine(tuned=...))
@@ -13,6 +16,10 @@ number of tokens):
   naive EFT loop    eft_fast.naive_loop: three HF models with their own HF caches, one sequence
                     at a time, eft_fast.baselines' eager torch sampler (log_softmax x 3, sort-based
                     top-p of the up-scaling weights, Gumbel-max with a torch generator)
+  naive batched     eft_fast.naive_loop.naive_batched_generate: the concurrent requests as one
+                    static batch with left padding, HF caches, the same eager sampler over the
+                    batch (what the batched peer implementations do); at batch 1 it is the
+                    naive loop, so it runs for the concurrent workloads only
   eft_fast EFT      EFTEngine(knowledge, tuned, reference), no speculation
   spec k=2..16      speculative EFT, exact acceptance (checked token-identical to eft_fast EFT)
   rejection         speculative EFT with rejection sampling at the workload's best exact k
@@ -34,7 +41,7 @@ import torch
 from ..baselines import eager_eft_sample
 from ..engine.engine import EFTEngine
 from ..engine.sampling_params import SamplingParams
-from ..naive_loop import naive_generate
+from ..naive_loop import naive_batched_generate, naive_generate
 from .profile import BUCKETS, Profiler, breakdown, instrument_engine, profiled
 from .workloads import SPEC_KS, BenchModels, BenchSettings, Workload, make_workloads, sampling_params
 
@@ -95,7 +102,9 @@ class WorkloadResult:
 ENGINE_COLUMNS = [("tuned", "tuned alone", {}), ("knowledge", "knowledge alone", {}),
                   ("eft", "eft_fast EFT", {})] + \
                  [(f"spec_k{k}", f"spec k={k}", {"speculative_k": k, "accept": "exact"}) for k in SPEC_KS]
-COLUMN_ORDER = ["tuned", "knowledge", "naive", "eft"] + [f"spec_k{k}" for k in SPEC_KS] + ["rejection"]
+COLUMN_ORDER = ["tuned", "knowledge", "naive", "naive_batched", "eft"] + [f"spec_k{k}" for k in SPEC_KS] + \
+               ["rejection"]
+MIXED_COLUMNS = ("eft",)     # engine columns of the mixed-lengths workload (besides naive batched)
 
 
 def make_engine(models: BenchModels, key: str, workloads: list[Workload], **config) -> EFTEngine:
@@ -176,6 +185,32 @@ def run_naive(models: BenchModels, column: Column, prompts: list[list[int]], par
     column.outputs += outputs
 
 
+def run_naive_batched(models: BenchModels, column: Column, prompts: list[list[int]], params: list[SamplingParams],
+                      device) -> None:
+    """eft_fast.naive_loop.naive_batched_generate over the three models: every request in one
+    static batch (left padding), combined by the eager torch sampler over the whole batch (one
+    torch generator, seeded with the first request's seed)."""
+    trio = [models.knowledge, models.tuned, models.reference]
+    vocab = models.vocab_size
+    profiler = Profiler()
+    for model, role in zip(trio, ("knowledge", "tuned", "reference")):
+        profiler.wrap(model, "forward", "forward",
+                      detail=lambda *a, role=role, **kw: f"{role} forward, {kw['input_ids'].shape[-1]} tokens")
+    gen = torch.Generator(device=device).manual_seed(params[0].seed)
+
+    def combine(logits, step):
+        knowledge, tuned, reference = (x[:, :vocab] for x in logits)      # [B, V] each
+        return eager_eft_sample(knowledge, tuned, reference, temperature=params[0].temperature,
+                                weight_top_p=params[0].weight_top_p, generator=gen)
+
+    with profiled(profiler), _Timed(device) as timer:
+        outputs = naive_batched_generate(trio, prompts, profiler.timed(combine, "sampling"),
+                                         [sp.max_tokens for sp in params])
+    column.add_time(timer.seconds, timer.cpu_seconds, profiler)
+    column.tokens += sum(len(o) for o in outputs)
+    column.outputs += outputs
+
+
 def warm_up(engine: EFTEngine, workload: Workload, settings: BenchSettings) -> None:
     """One short request, long enough for a full-length speculative round (which builds the
     verify step)."""
@@ -201,7 +236,7 @@ def run_engine_benchmark(models: BenchModels, settings: BenchSettings, device, p
     for key, label, config in ENGINE_COLUMNS:
         engines[key] = make_engine(models, key, workloads, **config)
         warm_up(engines[key], batch1, settings)
-    runs = len(batch1.prompts) * (len(ENGINE_COLUMNS) + 1) + len(ENGINE_COLUMNS) + 1 + 2
+    runs = len(batch1.prompts) * (len(ENGINE_COLUMNS) + 1) + (len(ENGINE_COLUMNS) + 2) + (len(MIXED_COLUMNS) + 1) + 2
     bar = None
     if progress:
         from tqdm import tqdm
@@ -227,6 +262,11 @@ def run_engine_benchmark(models: BenchModels, settings: BenchSettings, device, p
         run_naive(models, column, prompts, params, device)
         advance(result, column)
 
+    def naive_batched_column(result, prompts, params):
+        column = column_of(result, "naive_batched", "naive batched loop")
+        run_naive_batched(models, column, prompts, params, device)
+        advance(result, column)
+
     for result in results:
         w = result.workload
         params = sampling_params(w, settings)
@@ -235,14 +275,22 @@ def run_engine_benchmark(models: BenchModels, settings: BenchSettings, device, p
                 for key, label, _ in ENGINE_COLUMNS:
                     engine_column(result, key, label, engines[key], [prompt], [params[i]], False)
                 naive_column(result, [prompt], [params[i]])
-        else:
+        elif w.lengths is None:
             for key, label, _ in ENGINE_COLUMNS:
                 engine_column(result, key, label, engines[key], w.prompts, params, True)
             naive_column(result, w.prompts, params)
+            naive_batched_column(result, w.prompts, params)
+        else:
+            for key, label, _ in ENGINE_COLUMNS:
+                if key in MIXED_COLUMNS:
+                    engine_column(result, key, label, engines[key], w.prompts, params, True)
+            naive_batched_column(result, w.prompts, params)
     engines.clear()
     gc.collect()
     for result in results:
         k = result.best_exact_k()
+        if k is None:
+            continue
         engine = make_engine(models, "rejection", workloads, speculative_k=k, accept="rejection")
         warm_up(engine, batch1, settings)
         engine_column(result, "rejection", "rejection, best k", engine, result.workload.prompts,

@@ -11,23 +11,33 @@ import torch
 from .engine import COLUMN_ORDER, WorkloadResult
 from .profile import BUCKETS
 
-# (name, workload index, column or "best_spec", baseline column, minimum ratio)
+# (name, workload index, column, baseline column, minimum ratio). Columns: a key, "best_spec"
+# (the fastest exact speculative column) or "best_exact" (the fastest of eft_fast EFT and the
+# exact speculative columns: the engine's best lossless configuration). At batch 1 the naive
+# batched loop is the naive loop (a batch of one).
 TARGETS = [
     ("eft_fast EFT vs naive loop, batch 1", 0, "eft", "naive", 1.5),
     ("eft_fast EFT vs naive loop, 16 concurrent (aggregate)", 1, "eft", "naive", 5.0),
     ("speculative EFT (best exact k) vs eft_fast EFT, batch 1", 0, "best_spec", "eft", 2.0),
+    ("eft_fast best exact configuration vs naive (batched) loop, batch 1", 0, "best_exact", "naive", 1.5),
+    ("eft_fast EFT vs naive batched loop, 16 concurrent", 1, "eft", "naive_batched", 1.2),
+    ("eft_fast best exact configuration vs naive batched loop, 16 concurrent", 1, "best_exact", "naive_batched", 1.3),
+    ("eft_fast EFT vs naive batched loop, mixed lengths", 2, "eft", "naive_batched", 3.0),
 ]
 
 
 def _column(result: WorkloadResult, key: str):
     if key == "best_spec":
         return result.columns[f"spec_k{result.best_exact_k()}"]
+    if key == "best_exact":
+        exact = [c for c in result.columns.values() if c.key == "eft" or c.accept == "exact"]
+        return max(exact, key=lambda c: c.tokens_per_s)
     return result.columns[key]
 
 
 def speedups(result: WorkloadResult, baseline: str) -> dict[str, float]:
-    """tokens/s of every column over the ``baseline`` column's."""
-    base = result.columns[baseline].tokens_per_s
+    """tokens/s of every column over the ``baseline`` column's ({} if the workload lacks it)."""
+    base = result.columns[baseline].tokens_per_s if baseline in result.columns else 0.0
     return {key: c.tokens_per_s / base for key, c in result.columns.items()} if base > 0 else {}
 
 
@@ -37,6 +47,8 @@ def evaluate_targets(results: list[WorkloadResult]) -> list[dict]:
         if index >= len(results):
             continue
         result = results[index]
+        if baseline not in result.columns or (key == "best_spec" and result.best_exact_k() is None):
+            continue
         column = _column(result, key)
         ratio = column.tokens_per_s / result.columns[baseline].tokens_per_s
         entry = {"target": name, "workload": result.workload.key, "column": column.key, "baseline": baseline,
@@ -58,18 +70,24 @@ def _render(rows: list[list[str]]) -> str:
 
 
 def format_table(results: list[WorkloadResult]) -> str:
-    """Tokens/s of every column per workload, with acceptance and speed-up rows."""
-    header = ["tokens/s"] + [results[0].columns[k].label for k in COLUMN_ORDER if k in results[0].columns]
-    keys = [k for k in COLUMN_ORDER if k in results[0].columns]
-    rows = [header]
+    """Tokens/s of every column per workload, with acceptance and speed-up rows ("-": the
+    workload does not run that column)."""
+    keys = [k for k in COLUMN_ORDER if any(k in r.columns for r in results)]
+    labels = {k: next(r.columns[k].label for r in results if k in r.columns) for k in keys}
+    rows = [["tokens/s"] + [labels[k] for k in keys]]
+
+    def cells(result, text):
+        return [text(result.columns[k]) if k in result.columns else "-" for k in keys]
+
     for result in results:
-        cols = [result.columns[k] for k in keys]
-        rows.append([result.workload.name] + [f"{c.tokens_per_s:.1f}" + (f" (k={c.k})" if c.key == "rejection" else "")
-                                              for c in cols])
-        rows.append(["  acceptance"] + ["-" if c.acceptance is None else f"{c.acceptance:.2f}" for c in cols])
-        vs_naive, vs_eft = speedups(result, "naive"), speedups(result, "eft")
-        rows.append(["  x naive loop"] + [f"{vs_naive[k]:.2f}x" for k in keys])
-        rows.append(["  x eft_fast EFT"] + [f"{vs_eft[k]:.2f}x" for k in keys])
+        rows.append([result.workload.name] + cells(
+            result, lambda c: f"{c.tokens_per_s:.1f}" + (f" (k={c.k})" if c.key == "rejection" else "")))
+        rows.append(["  acceptance"] + cells(result, lambda c: "-" if c.acceptance is None else f"{c.acceptance:.2f}"))
+        for baseline, label in (("naive", "  x naive loop"), ("naive_batched", "  x naive batched"),
+                                ("eft", "  x eft_fast EFT")):
+            ratios = speedups(result, baseline)
+            if ratios:
+                rows.append([label] + cells(result, lambda c: f"{ratios[c.key]:.2f}x"))
     return _render(rows)
 
 
@@ -116,8 +134,10 @@ def payload(results: list[WorkloadResult], models_description: dict, settings, *
         workloads.append({
             "key": w.key, "name": w.name, "concurrency": w.concurrency, "num_requests": len(w.prompts),
             "max_tokens": w.max_tokens, "prompt_lengths": [len(p) for p in w.prompts], "columns": columns,
-            "best_k": result.best_exact_k(), "identical": all(c.identical for c in exact),
-            "speedup_vs_naive": speedups(result, "naive"), "speedup_vs_eft": speedups(result, "eft")})
+            "best_k": result.best_exact_k(), "identical": all(c.identical for c in exact) if exact else None,
+            "max_tokens_each": w.lengths,
+            "speedup_vs_naive": speedups(result, "naive"), "speedup_vs_naive_batched": speedups(result, "naive_batched"),
+            "speedup_vs_eft": speedups(result, "eft")})
     targets = evaluate_targets(results)
     return {
         "command": command, "device": device,
@@ -126,7 +146,7 @@ def payload(results: list[WorkloadResult], models_description: dict, settings, *
         "wall_seconds": wall_s, "models": models_description,
         "sampling": {"temperature": settings.temperature, "weight_top_p": settings.weight_top_p,
                      "seeds": f"{settings.seed} + request index", "ignore_eos": True},
-        "workloads": workloads, "identical": all(w["identical"] for w in workloads), "targets": targets,
+        "workloads": workloads, "identical": all(w["identical"] is not False for w in workloads), "targets": targets,
     }
 
 
@@ -157,21 +177,22 @@ def write_plot(results: list[WorkloadResult], out_dir: Path, title: str) -> Path
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.8), squeeze=False)
-    colors = {"tuned": "#9e9e9e", "knowledge": "#616161", "naive": "#e57373", "eft": "#64b5f6",
-              "rejection": "#ffb74d"}
+    colors = {"tuned": "#9e9e9e", "knowledge": "#616161", "naive": "#e57373", "naive_batched": "#c62828",
+              "eft": "#64b5f6", "rejection": "#ffb74d"}
     for ax, result in zip(axes[0], results):
         keys = [k for k in COLUMN_ORDER if k in result.columns]
         cols = [result.columns[k] for k in keys]
         values = [c.tokens_per_s for c in cols]
         bars = ax.bar(range(len(cols)), values, color=[colors.get(k, "#1976d2") for k in keys])
-        naive = result.columns["naive"].tokens_per_s
+        baseline = "naive_batched" if "naive_batched" in result.columns else "naive"
+        base = result.columns[baseline].tokens_per_s
         for bar, c in zip(bars, cols):
-            note = f"{c.tokens_per_s / naive:.1f}x" + (f"\nacc {c.acceptance:.2f}" if c.acceptance is not None else "")
+            note = f"{c.tokens_per_s / base:.1f}x" + (f"\nacc {c.acceptance:.2f}" if c.acceptance is not None else "")
             ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize=7)
         ax.set_xticks(range(len(cols)), [c.label for c in cols], rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("tokens/s")
-        ax.set_title(f"{result.workload.name} (labels: x naive loop, acceptance)")
+        ax.set_title(f"{result.workload.name} (labels: x {result.columns[baseline].label}, acceptance)", fontsize=9)
         ax.set_ylim(0, max(values) * 1.25)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """The engine benchmark's inputs: settings, the models (synthetic family or real checkpoints)
-and the two workloads (batch 1 and concurrent requests), with token-id prompts shared by
-every model and every column."""
+and the three workloads (batch 1, equal-length concurrent requests, and mixed lengths), with
+token-id prompts shared by every model and every column."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -29,6 +29,8 @@ class BenchSettings:
     batch1_tokens: int = 64
     concurrent: int = 16
     concurrent_tokens: int = 32
+    mixed: int = 64                              # mixed-lengths workload: requests submitted together,
+    mixed_tokens: tuple[int, int] = (8, 256)    # max_tokens log-uniform in [lo, hi] (seeded)
     prompt_len: tuple[int, int] = (16, 48)      # synthetic prompts: lengths drawn in [lo, hi]
     temperature: float = 1.0
     weight_top_p: float = 0.9
@@ -36,7 +38,7 @@ class BenchSettings:
 
 
 QUICK_SETTINGS = BenchSettings(batch1_prompts=1, batch1_tokens=20, concurrent=16, concurrent_tokens=20,
-                               prompt_len=(4, 12))
+                               mixed=8, mixed_tokens=(4, 32), prompt_len=(4, 12))
 
 
 @dataclass
@@ -51,11 +53,15 @@ class BenchModels:
 
 @dataclass
 class Workload:
-    key: str                      # "batch1" | "concurrent16"
+    key: str                      # "batch1" | "concurrent16" | "mixed64"
     name: str
     concurrency: int
     prompts: list[list[int]]
-    max_tokens: int
+    max_tokens: int               # the longest request's
+    lengths: list[int] | None = None   # max_tokens per request (mixed lengths); None: all max_tokens
+
+    def max_tokens_of(self, i: int) -> int:
+        return self.max_tokens if self.lengths is None else self.lengths[i]
 
 
 def synthetic_models(quick: bool, dtype: torch.dtype, device: str, seed: int = 0) -> BenchModels:
@@ -84,9 +90,19 @@ def real_models(knowledge: str, tuned: str, reference: str, dtype, device: str) 
                        description)
 
 
+def mixed_lengths(settings: BenchSettings) -> list[int]:
+    """max_tokens of the mixed workload: log-uniform in settings.mixed_tokens (long-tailed:
+    most requests short, a few long), seeded."""
+    gen = torch.Generator().manual_seed(settings.seed + 200)
+    lo, hi = settings.mixed_tokens
+    u = torch.rand(settings.mixed, generator=gen, dtype=torch.float64)
+    return [int(round(lo * (hi / lo) ** float(x))) for x in u]
+
+
 def make_workloads(models: BenchModels, settings: BenchSettings) -> list[Workload]:
-    """The batch-1 and concurrent workloads: token-id prompts, the same for every model."""
-    n = max(settings.batch1_prompts, settings.concurrent)
+    """The batch-1, concurrent and mixed-lengths workloads: token-id prompts, the same for
+    every model."""
+    n = max(settings.batch1_prompts, settings.concurrent, settings.mixed)
     if models.tokenizer is not None:
         texts = [TEXT_PROMPTS[i % len(TEXT_PROMPTS)] for i in range(n)]
         prompts = [list(models.tokenizer(t)["input_ids"]) for t in texts]
@@ -95,12 +111,15 @@ def make_workloads(models: BenchModels, settings: BenchSettings) -> list[Workloa
         lo, hi = settings.prompt_len
         lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
         prompts = [torch.randint(0, models.vocab_size, (length,), generator=gen).tolist() for length in lengths]
+    lengths = mixed_lengths(settings)
     return [Workload("batch1", "batch 1", 1, prompts[:settings.batch1_prompts], settings.batch1_tokens),
             Workload(f"concurrent{settings.concurrent}", f"{settings.concurrent} concurrent", settings.concurrent,
-                     prompts[:settings.concurrent], settings.concurrent_tokens)]
+                     prompts[:settings.concurrent], settings.concurrent_tokens),
+            Workload(f"mixed{settings.mixed}", f"{settings.mixed} mixed lengths", settings.mixed,
+                     prompts[:settings.mixed], max(lengths), lengths)]
 
 
 def sampling_params(workload: Workload, settings: BenchSettings, max_tokens: int | None = None) -> list[SamplingParams]:
-    return [SamplingParams(max_tokens=max_tokens or workload.max_tokens, temperature=settings.temperature,
+    return [SamplingParams(max_tokens=max_tokens or workload.max_tokens_of(i), temperature=settings.temperature,
                            weight_top_p=settings.weight_top_p, seed=settings.seed + i, ignore_eos=True)
             for i in range(len(workload.prompts))]
