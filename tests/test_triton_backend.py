@@ -287,7 +287,8 @@ def test_greedy_ties_go_to_lowest_index():
 
 
 def test_kernel_compiles_for_gpu():
-    """The kernel also type-checks and compiles to a cubin for sm_90 (no GPU needed); the
+    """The kernel also type-checks and compiles to a cubin for sm_90 (no GPU needed), dividing
+    with round-to-nearest (div.rn, not div.full); the
     interpreter alone would not catch GPU-only typing errors. Runs in a subprocess because
     this module has TRITON_INTERPRET=1 set."""
     script = textwrap.dedent("""
@@ -307,6 +308,9 @@ def test_kernel_compiles_for_gpu():
                             constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
             assert "cubin" in compiled.asm
+            # Round-to-nearest division, as the CUDA and CPU kernels divide (div.full is approximate).
+            ptx = compiled.asm["ptx"]
+            assert "div.full.f32" not in ptx and "div.rn.f32" in ptx
         print("compiled")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
