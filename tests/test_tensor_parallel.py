@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from eft_fast import EFTEngine
 from eft_fast.engine.model_runner import SequenceStep
 from eft_fast.engine.block_manager import BlockTable
-from eft_fast.engine.parallel.group import TensorParallelError
+from eft_fast.engine.parallel.group import TensorParallelError, TensorParallelGroup
 import tp_common
 from tiny_models import dense_logits, tiny_model
 
@@ -113,6 +113,28 @@ def test_a_killed_worker_is_a_clear_error(knowledge_dir, tokenizer, small):
     with pytest.raises(TensorParallelError):
         engine.generate(prompts, params)
     engine.close()
+
+
+def test_a_worker_whose_forward_raises_is_restarted_and_the_engine_goes_on(knowledge_dir, tokenizer, small, tmp_path,
+                                                                          monkeypatch):
+    """Self-spawned: rank 1's third forward raises (once). The requests of that step end with
+    an error naming the rank and the error; the engine spawns new workers, reloads the shards,
+    recomputes the requests that waited, and later requests give the one-rank tokens."""
+    prompts, params = tp_common.requests(len(tokenizer), 4, max_tokens=6)
+    expected = [o.token_ids for o in _engine(knowledge_dir, tokenizer, small, tp=1).generate(prompts, params)]
+    monkeypatch.setenv("EFT_TEST_TP_FAIL_MARKER", str(tmp_path / "failed-once"))
+    monkeypatch.setattr(TensorParallelGroup, "worker_entry", staticmethod(lambda: tp_common.failing_spawned_worker))
+    with _engine(knowledge_dir, tokenizer, small, tp=2, max_num_seqs=2) as engine:
+        first_workers = list(engine._tp_group.workers)
+        outs = engine.generate(prompts, params)
+        failed = [i for i, o in enumerate(outs) if o.finish_reason == "error"]
+        assert failed == [0, 1], [(o.finish_reason, o.error) for o in outs]
+        assert all("tensor-parallel rank 1 failed: RuntimeError: injected worker failure" in outs[i].error
+                   for i in failed)
+        assert [outs[i].token_ids for i in (2, 3)] == expected[2:]     # waited, then ran on the new workers
+        assert engine._tp_group.restarts == 1 and not any(w.is_alive() for w in first_workers)
+        assert [o.token_ids for o in engine.generate(prompts, params)] == expected
+        assert engine.stats()["num_requests_running"] == 0
 
 
 def test_more_ranks_than_visible_gpus(knowledge_dir, monkeypatch):

@@ -38,3 +38,35 @@ def requests(vocab: int, n: int = 4, max_tokens: int = 6, seed: int = 0, weights
         params.append(SamplingParams(max_tokens=max_tokens, seed=1000 + i, ignore_eos=True, temperature=1.0,
                                      weight_top_p=0.9, reward_weights=w))
     return prompts, params
+
+
+def fail_knowledge_forward(fail_at: int, once_marker: str | None = None) -> None:
+    """Make this process's ``fail_at``-th knowledge forward (ModelRunner.run_model) raise
+    RuntimeError("injected worker failure"); with ``once_marker`` (a file path) only if the
+    file does not exist yet, which the failure creates (so a restarted worker does not fail)."""
+    from pathlib import Path
+
+    from eft_fast.engine.model_runner import ModelRunner
+
+    run_model, calls = ModelRunner.run_model, []
+
+    def failing_run_model(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at and (once_marker is None or not Path(once_marker).exists()):
+            if once_marker is not None:
+                Path(once_marker).touch()
+            raise RuntimeError("injected worker failure")
+        return run_model(self, *args, **kwargs)
+
+    ModelRunner.run_model = failing_run_model
+
+
+def failing_spawned_worker(rank, world_size, port, spec, errors=None):
+    """A self-spawned worker whose third knowledge forward raises, once per marker file
+    (the path in EFT_TEST_TP_FAIL_MARKER): the worker entry of the restart test."""
+    import os
+
+    from eft_fast.engine.parallel.worker import run_worker
+
+    fail_knowledge_forward(3, os.environ["EFT_TEST_TP_FAIL_MARKER"])
+    run_worker(rank, world_size, port, spec, errors)

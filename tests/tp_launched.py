@@ -12,23 +12,14 @@ import sys
 import torch
 
 from eft_fast import EFTEngine
-from eft_fast.engine.model_runner import ModelRunner
 from eft_fast.engine.parallel.group import TensorParallelError
-from tp_common import requests, small_models, tokenizer
+from tp_common import fail_knowledge_forward, requests, small_models, tokenizer
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     knowledge_dir, out = sys.argv[1], sys.argv[2]
     if len(sys.argv) > 3 and os.environ["RANK"] == "1":
-        fail_at, run_model, calls = int(sys.argv[3]), ModelRunner.run_model, []
-
-        def failing_run_model(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == fail_at:
-                raise RuntimeError("injected worker failure")
-            return run_model(self, *args, **kwargs)
-
-        ModelRunner.run_model = failing_run_model
+        fail_knowledge_forward(int(sys.argv[3]))
     tok = tokenizer()
     tuned, reference = small_models(tok)
     try:

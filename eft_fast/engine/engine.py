@@ -10,6 +10,7 @@ tuned models are reward interpolation; a single model given alone is sampled by 
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
@@ -23,7 +24,7 @@ from .block_manager import BlockTable
 from .config import EngineConfig
 from ..ops import resolve_backend
 from .decoding import Decoder
-from .loading import parse_device
+from .loading import load_model, parse_device
 from .parallel import TensorParallelGroup, TensorParallelRunner, check_tensor_parallel
 from .parallel.group import ShardSpec, TensorParallelError, launched_rank
 from .parallel.worker import run_launched_worker
@@ -313,11 +314,12 @@ class EFTEngine:
                         self._append(request, out)
                         if not request.finished:
                             self.scheduler.commit(request)
-        except TensorParallelError as exc:   # the group is gone: no later step can run
+        except TensorParallelError as exc:   # the step's requests end; the group restarts or the engine stops
             self._abort_step(scheduled, exc)
-            self._ended = touched + self._ended
-            self.close()
-            raise
+            if not (exc.recoverable and self._restart_tensor_parallel(exc)):
+                self._ended = touched + self._ended
+                self.close()
+                raise
         except Exception as exc:
             self._abort_step(scheduled, exc)
         except BaseException as exc:
@@ -350,6 +352,30 @@ class EFTEngine:
                      [r.request_id for r in victims], exc_info=exc)
         for request in victims:
             self._fail(request, f"the engine's {where} failed: {type(exc).__name__}: {exc}")
+
+    def _restart_tensor_parallel(self, exc: TensorParallelError) -> bool:
+        """After a worker reported an exception in its forward (and exited): spawn new workers,
+        reload rank 0's shard and recompute every request that held KV blocks (the workers'
+        K/V is gone; the prefix caches are dropped). True if the engine can go on; False (the
+        caller closes and raises) if the restart failed."""
+        logger.warning("restarting the tensor-parallel workers after: %s", exc)
+        for request in list(self.scheduler.running):
+            self.scheduler.preempt(request)          # recomputed from its prompt and outputs
+        self.scheduler.recover([])                   # every pool recounted, prefix caches dropped
+        k = self.roles.knowledge
+        group, runner = self._tp_group, self.runners[k]
+        try:
+            self.models.models[k] = runner.model = None   # free the old shard before loading the new one
+            gc.collect()
+            group.restart()
+            model = load_model(group.spec.knowledge, role="knowledge", dtype=group.spec.dtype, **group.load_kwargs())
+            runner.reload(model)
+            self.models.models[k] = model
+        except Exception as failure:   # noqa: BLE001 - reported, then the original error is raised
+            logger.error("restarting the tensor-parallel workers failed; the engine stops", exc_info=failure)
+            return False
+        logger.warning("tensor-parallel workers restarted (%d restart(s) so far)", group.restarts)
+        return True
 
     def _interrupted(self, scheduled: ScheduledStep | None, exc: BaseException) -> None:
         """Leave the engine consistent after an interruption part-way through a step.

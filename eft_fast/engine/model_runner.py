@@ -110,15 +110,7 @@ class ModelRunner:
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
         self.role = role
-        self.model = model.eval()
-        # The configs whose attention implementation a paged forward switches to "eft_paged"
-        # (and back afterwards, so the caller's model keeps working with HF's own forward).
-        configs = {id(model.config): model.config}
-        for sub in model.modules():
-            cfg = getattr(sub, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                configs.setdefault(id(cfg), cfg)
-        self._configs = list(configs.values())
+        self._use_model(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if attention_backend == "auto":
@@ -139,6 +131,17 @@ class ModelRunner:
             num_blocks = agree_num_blocks(num_blocks)
         self.blocks = BlockManager(num_blocks, block_size)
         self.kv_cache = PagedKVCache(shape, num_blocks, block_size, self.dtype, self.device)
+
+    def _use_model(self, model) -> None:
+        self.model = model.eval()
+        # The configs whose attention implementation a paged forward switches to "eft_paged"
+        # (and back afterwards, so the caller's model keeps working with HF's own forward).
+        configs = {id(model.config): model.config}
+        for sub in model.modules():
+            cfg = getattr(sub, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                configs.setdefault(id(cfg), cfg)
+        self._configs = list(configs.values())
 
     # ---- host-side packing -------------------------------------------------------------
     def layout(self, steps: list[SequenceStep]) -> StepLayout:

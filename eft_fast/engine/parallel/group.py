@@ -31,8 +31,16 @@ _JOIN_TIMEOUT_S = 10.0
 
 
 class TensorParallelError(RuntimeError):
-    """The tensor-parallel group failed (a worker died or a collective timed out); the engine
-    cannot go on and its workers are stopped."""
+    """The tensor-parallel group failed (a worker died or a collective timed out).
+
+    ``recoverable``: a worker reported an exception in its forward (CUDA out of memory, a
+    bug) before it exited, and the group was self-spawned: the engine can restart the workers
+    and go on. Otherwise (a worker killed without a word, a collective timeout, torchrun's
+    ranks) the engine cannot go on and its workers are stopped."""
+
+    def __init__(self, message: str, *, recoverable: bool = False):
+        super().__init__(message)
+        self.recoverable = recoverable
 
 
 @dataclass(frozen=True)
@@ -105,28 +113,62 @@ class TensorParallelGroup:
         self.broken: BaseException | None = None
         self.serving = False     # every rank built its pool and waits for steps: stop is a message
         self.closed = False
+        self.spawned = False     # ranks 1..N-1 are this process's children (restartable)
+        self.restarts = 0
 
     @classmethod
     def start(cls, spec: ShardSpec, world_size: int) -> "TensorParallelGroup":
         if dist.is_initialized():
             raise ValueError("tensor_parallel_size > 1 starts its own process group, but this process is already "
                              "in one; close the other engine (or destroy the group) first")
-        from .worker import run_worker
-
-        port = _free_port()
-        ctx = mp.get_context("spawn")
-        errors = ctx.SimpleQueue()
-        workers = [ctx.Process(target=run_worker, args=(rank, world_size, port, spec, errors), daemon=True,
-                               name=f"eft_fast-tp-worker-{rank}") for rank in range(1, world_size)]
-        for w in workers:
-            w.start()
-        group = cls(spec, world_size, workers, errors)
+        group = cls(spec, world_size, [], None)
+        group.spawned = True
         try:
-            group._join_watching_workers(port)
+            group._spawn_and_join()
         except BaseException:
             group.close()
             raise
         return group
+
+    def _spawn_and_join(self) -> None:
+        """Start ranks 1..N-1 as worker processes and form the group with them on a free port."""
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        self.errors = ctx.SimpleQueue()
+        target = self.worker_entry()
+        self.workers = [ctx.Process(target=target, args=(rank, self.world_size, port, self.spec, self.errors),
+                                    daemon=True, name=f"eft_fast-tp-worker-{rank}") for rank in range(1, self.world_size)]
+        for w in self.workers:
+            w.start()
+        self._join_watching_workers(port)
+
+    @staticmethod
+    def worker_entry():
+        """The function a spawned worker runs (importable by name in the child)."""
+        from .worker import run_worker
+
+        return run_worker
+
+    def restart(self) -> None:
+        """After a recoverable failure: stop what is left of the workers, leave the broken
+        group, spawn new workers and form a new group with them. They load their shards and
+        wait to agree on the KV pool size (the caller reloads rank 0's shard, then calls
+        :meth:`agree_num_blocks`). Raises TensorParallelError if the group cannot be rebuilt."""
+        if not self.spawned or self.closed:
+            raise TensorParallelError("only a self-spawned, open tensor-parallel group can be restarted")
+        self._stop_workers(orderly=False)
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:   # noqa: BLE001 - the group is broken anyway; a new one replaces it
+                pass
+        self.broken, self.serving = None, False
+        self.restarts += 1
+        try:
+            self._spawn_and_join()
+        except BaseException as e:
+            self.broken = TensorParallelError(f"restarting the tensor-parallel workers failed: {type(e).__name__}: {e}")
+            raise self.broken from e
 
     def _join_watching_workers(self, port: int) -> None:
         """init_process_group as rank 0, in a thread, while watching the workers: one that dies
@@ -195,7 +237,10 @@ class TensorParallelGroup:
             reports.append(self.errors.get())
         dead = [(w.name, w.exitcode) for w in self.workers if not w.is_alive()]
         detail = "".join(f"; {r}" for r in reports) + (f"; exited: {dead}" if dead else "")
-        self.broken = TensorParallelError(f"the tensor-parallel group failed: {type(exc).__name__}: {exc}{detail}")
+        # A worker that reported its exception exited on purpose; a silent death or a timeout
+        # (a hung rank) is not worth a restart loop.
+        self.broken = TensorParallelError(f"the tensor-parallel group failed: {type(exc).__name__}: {exc}{detail}",
+                                          recoverable=self.spawned and bool(reports))
         return self.broken
 
     def close(self) -> None:
@@ -212,6 +257,12 @@ class TensorParallelGroup:
                 broadcast_stop(self.device)
             except Exception:   # a worker died meanwhile: terminate below
                 orderly = False
+        self._stop_workers(orderly)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _stop_workers(self, orderly: bool) -> None:
+        """Wait for workers that were told to stop (``orderly``); terminate, then kill, the rest."""
         for w in self.workers:
             if orderly:
                 w.join(_JOIN_TIMEOUT_S)
@@ -221,5 +272,3 @@ class TensorParallelGroup:
             if w.is_alive():
                 w.kill()
                 w.join()
-        if dist.is_initialized():
-            dist.destroy_process_group()

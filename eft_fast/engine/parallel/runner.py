@@ -5,7 +5,7 @@ import torch
 
 from ..attention import PagedAttentionMetadata
 from ..model_runner import ModelRunner
-from .group import TensorParallelGroup
+from .group import TensorParallelError, TensorParallelGroup
 from .protocol import Step, broadcast_step
 
 
@@ -20,6 +20,17 @@ class TensorParallelRunner(ModelRunner):
     def __init__(self, model, group: TensorParallelGroup, **kwargs):
         super().__init__(model, agree_num_blocks=group.agree_num_blocks, **kwargs)
         self.group = group
+
+    def reload(self, model) -> None:
+        """Take rank 0's freshly loaded shard after :meth:`TensorParallelGroup.restart`, and
+        agree the pool size with the new workers (the same number of blocks as before, or
+        TensorParallelError). The pool's contents are stale: the caller recomputes every
+        request that held blocks."""
+        self._use_model(model)
+        agreed = self.group.agree_num_blocks(self.blocks.num_blocks)
+        if agreed != self.blocks.num_blocks:
+            raise self.group.fail(TensorParallelError(
+                f"the restarted workers hold {agreed} KV blocks, rank 0 holds {self.blocks.num_blocks}"))
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: PagedAttentionMetadata,
                   logits_to_keep: torch.Tensor | int = 0) -> torch.Tensor:
