@@ -63,6 +63,10 @@ def test_cuda_graph_steps_equal_eager(rng):
             engine = eft_fast.EFTEngine(knowledge=knowledge, tuned=tuned[0], reference=reference, block_size=4,
                                         speculative_k=k, use_cuda_graph=graphs)
             outs[graphs, k] = [o.token_ids for o in engine.generate(prompts, params)]
+            if graphs:   # every static step (decode of each model, verify) captured into one pool
+                steps = engine.decoder.decode_steps + list(getattr(engine.decoder.speculative, "_verify_steps", {}).values())
+                assert len({g.pool() for step in steps for g in step.graphs.values()}) == 1
+                assert len(steps) >= 3
     assert outs[True, 0] == outs[False, 0] == outs[True, 3] == outs[False, 3]
 
 

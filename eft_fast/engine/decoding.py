@@ -9,7 +9,7 @@ from .model_runner import ModelRunner, SequenceStep
 from .request import Request
 from .sampler import Roles, TokensOut, sample
 from .speculative import SpeculativeDecoder, draft_lengths
-from .static_step import StaticStep
+from .static_step import GraphPools, StaticStep
 
 
 class Decoder:
@@ -20,11 +20,14 @@ class Decoder:
         self.roles = roles
         self.config = config
         self.vocab_size = vocab_size
-        self.decode_steps = [StaticStep(r, 1, config.max_num_seqs, config.use_cuda_graph) for r in runners]
+        self.graph_pools = GraphPools()      # every static step's CUDA graphs, one pool per device
+        self.decode_steps = [StaticStep(r, 1, config.max_num_seqs, config.use_cuda_graph, graph_pools=self.graph_pools)
+                             for r in runners]
         # Speculation needs a knowledge model to verify; a single model or s alone decodes plainly.
         self.speculative = None
         if config.speculative_k > 0 and roles.knowledge is not None:
-            self.speculative = SpeculativeDecoder(runners, roles, config, vocab_size, self.decode_steps)
+            self.speculative = SpeculativeDecoder(runners, roles, config, vocab_size, self.decode_steps,
+                                                  self.graph_pools)
 
     def sample(self, logits, rows: list[Request], positions: list[int], **kw):
         return sample(self.roles, logits, rows, positions, vocab_size=self.vocab_size, backend=self.config.backend,

@@ -31,7 +31,7 @@ from .model_runner import ModelRunner, SequenceStep
 from .request import Request
 from .sampler import ROW_REJECTED, Roles, TokensOut, needs_reference, sample
 from .sampling_params import SamplingParams
-from .static_step import StaticStep
+from .static_step import GraphPools, StaticStep
 
 NEG_INF = float("-inf")
 STREAM_ACCEPT, STREAM_RESIDUAL = 1, 2
@@ -63,7 +63,7 @@ class SpeculativeDecoder:
     """Draft-and-verify rounds. ``decode_steps[m]`` are the 1-token static steps of the models."""
 
     def __init__(self, runners: list[ModelRunner], roles: Roles, config: EngineConfig, vocab_size: int,
-                 decode_steps: list[StaticStep]):
+                 decode_steps: list[StaticStep], graph_pools: GraphPools | None = None):
         self.runners = runners
         self.roles = roles
         self.k = config.speculative_k
@@ -73,6 +73,7 @@ class SpeculativeDecoder:
         self.decode_steps = decode_steps
         self.max_batch = config.max_num_seqs
         self.use_cuda_graph = config.use_cuda_graph
+        self.graph_pools = graph_pools
         self._verify_steps: dict[int, StaticStep] = {}
         self.forward_counts = [0] * len(runners)       # model forwards, for tests and metrics
         self.proposed = self.accepted = self.rounds = 0  # aggregate over every request
@@ -80,7 +81,8 @@ class SpeculativeDecoder:
     def _verify_forward(self, m: int, steps: list[SequenceStep], k: int) -> torch.Tensor:
         if k == self.k:   # the full-length verify is a static (CUDA-graph) step
             if m not in self._verify_steps:
-                self._verify_steps[m] = StaticStep(self.runners[m], self.k + 1, self.max_batch, self.use_cuda_graph)
+                self._verify_steps[m] = StaticStep(self.runners[m], self.k + 1, self.max_batch, self.use_cuda_graph,
+                                                   graph_pools=self.graph_pools)
             return self._verify_steps[m].forward(steps)
         return self.runners[m].forward(steps, all_logits=True)
 

@@ -3,8 +3,10 @@
 Decode (1 token per sequence) and verify (k+1 tokens per sequence) steps have a fixed
 number of new tokens per sequence, so their inputs fit static buffers sized for the
 largest batch bucket. On CUDA, one graph per batch-size bucket is captured (largest
-first, all sharing one memory pool) and replayed after the buffers are refilled; on CPU
-the very same buffer code runs eagerly, so its logic is tested without a GPU.
+first) and replayed after the buffers are refilled; every static step of the engine on a
+device captures into one memory pool (GraphPools), and a replay hands out the graph's own
+logits tensor (no copy). On CPU the very same buffer code runs eagerly, so its logic is
+tested without a GPU.
 
 Padding rows (a batch of n < bucket sequences) write to the dummy slot and attend to the
 dummy block; their logits are never read. No host sync happens inside a captured region.
@@ -24,6 +26,24 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted(set(out))
 
 
+class GraphPools:
+    """One CUDA-graph memory pool per device, shared by every static step of an engine. The
+    graphs replay one at a time on one stream and each keeps its output tensor alive, so only
+    their intermediates share memory, which no graph reads across replays."""
+
+    def __init__(self):
+        self._pools: dict[torch.device, tuple] = {}
+
+    def get(self, device: torch.device):
+        """The pool handle of ``device`` (None off CUDA)."""
+        if device.type != "cuda":
+            return None
+        if device not in self._pools:
+            with torch.cuda.device(device):
+                self._pools[device] = torch.cuda.graph_pool_handle()
+        return self._pools[device]
+
+
 class StaticStep:
     """Runs steps where every sequence brings exactly ``query_len`` new tokens.
 
@@ -34,10 +54,11 @@ class StaticStep:
         use_cuda_graph: capture graphs (default: on when the model is on CUDA).
         pad_to_bucket: run the bucket's padded batch, as a graph replay does (default: with
             graphs). Eager runs without it compute only the real rows.
+        graph_pools: the engine's per-device pools to capture into (default: this step's own).
     """
 
     def __init__(self, runner: ModelRunner, query_len: int, max_batch: int, use_cuda_graph: bool | None = None,
-                 pad_to_bucket: bool | None = None):
+                 pad_to_bucket: bool | None = None, graph_pools: GraphPools | None = None):
         if query_len < 1 or max_batch < 1:
             raise ValueError(f"query_len and max_batch must be >= 1, got {query_len}, {max_batch}")
         self.runner = runner
@@ -57,10 +78,10 @@ class StaticStep:
         self.block_tables = torch.full((b, runner.max_blocks_per_seq), runner.kv_cache.dummy_block, **i32)
         self.seq_lens = torch.full((b,), q, **i32)
         self.query_start_loc = torch.arange(b + 1, **i32) * q   # constant: q tokens per sequence
-        self.logits = torch.zeros(b * q, runner.vocab_width, dtype=runner.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}    # each graph's logits [bucket * q, V], rewritten by its replay
         if self.use_cuda_graph:
-            self._capture()
+            self._capture(graph_pools.get(dev) if graph_pools is not None else None)
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -73,14 +94,12 @@ class StaticStep:
         n_tok = bucket * self.query_len
         meta = self.runner.metadata(self.write_slots[:n_tok], self.block_tables[:bucket], self.seq_lens[:bucket],
                                     self.query_start_loc[:bucket + 1], n_tok, self.query_len, max_kv_len)
-        logits = self.runner.run_model(self.input_ids[:n_tok], self.positions[:n_tok], meta)
-        self.logits[:n_tok].copy_(logits)
-        return self.logits[:n_tok]
+        return self.runner.run_model(self.input_ids[:n_tok], self.positions[:n_tok], meta)
 
-    def _capture(self) -> None:
+    def _capture(self, pool) -> None:
         """Capture one graph per bucket on the model's device (made current for the capture, so
-        that the warm-up and capture streams belong to it even when another device is current)."""
-        pool = None
+        that the warm-up and capture streams belong to it even when another device is current),
+        into ``pool`` (None: a pool of this step's own, made by its first capture)."""
         with torch.cuda.device(self.runner.device):
             for bucket in reversed(self.buckets):           # largest first: later graphs reuse its pool
                 stream = torch.cuda.Stream(device=self.runner.device)
@@ -91,8 +110,8 @@ class StaticStep:
                 torch.cuda.current_stream(self.runner.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                    self._forward(bucket, None)
-                pool = graph.pool()
+                    self.outputs[bucket] = self._forward(bucket, None)
+                pool = graph.pool() if pool is None else pool
                 self.graphs[bucket] = graph
         self._reset_padding(self.max_batch)
 
@@ -109,8 +128,9 @@ class StaticStep:
     def forward(self, steps: list[SequenceStep]) -> torch.Tensor:
         """Run ``steps`` (each with exactly ``query_len`` tokens).
 
-        Returns logits [len(steps) * query_len, vocab_width], packed in step order: a view of
-        a static buffer that the next call overwrites. Advances each table's ``num_tokens``.
+        Returns logits [len(steps) * query_len, vocab_width], packed in step order: with a
+        graph, a view of the graph's output, which the next call overwrites. Advances each
+        table's ``num_tokens``.
         """
         n = len(steps)
         if n == 0:
@@ -135,7 +155,7 @@ class StaticStep:
         if bucket in self.graphs:
             with torch.cuda.device(self.runner.device):     # the graph's device, whichever is current
                 self.graphs[bucket].replay()
-            logits = self.logits[:n_tok]
+            logits = self.outputs[bucket][:n_tok]
         else:
             logits = self._forward(bucket, max(lay.seq_lens))[:n_tok]
         for step in steps:
