@@ -167,15 +167,21 @@ def test_shutdown_ends_requests_and_refuses_new_ones(family):
     engine.shutdown()                                # twice is fine
 
 
+async def _endless_request(engine):
+    """A request that runs until aborted, past its first delta; (its stream, its params)."""
+    params = eft_fast.SamplingParams(max_tokens=10_000, ignore_eos=True)
+    stream = await engine.add([1, 2, 3], params)
+    await anext(stream)
+    return stream, params
+
+
 def test_an_add_queued_when_the_thread_dies_is_refused_not_left_waiting(family):
     """step() lets an exception through (a lost tensor-parallel group) while an add waits in
     the queue: the add raises EngineDeadError instead of waiting forever."""
     engine = AsyncEFTEngine(tiny_engine(family))
     try:
         async def main():
-            params = eft_fast.SamplingParams(max_tokens=10_000, ignore_eos=True)
-            stream = await engine.add([1, 2, 3], params)
-            await anext(stream)
+            stream, params = await _endless_request(engine)
             step_started = threading.Event()
 
             def dying_step():
@@ -205,9 +211,7 @@ def test_an_add_racing_shutdown_is_answered(family, attempt):
     engine = AsyncEFTEngine(tiny_engine(family))
     try:
         async def main():
-            params = eft_fast.SamplingParams(max_tokens=10_000, ignore_eos=True)
-            stream = await engine.add([1, 2, 3], params)
-            await anext(stream)
+            _, params = await _endless_request(engine)
             racing = asyncio.ensure_future(engine.add([4, 5], params))
             await asyncio.sleep(0.001 * attempt)
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)

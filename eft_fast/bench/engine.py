@@ -159,16 +159,22 @@ def run_engine(engine: EFTEngine, column: Column, prompts: list[list[int]], para
     column.outputs += [list(o.token_ids) for o in outputs]
 
 
-def run_naive(models: BenchModels, column: Column, prompts: list[list[int]], params: list[SamplingParams],
-              device) -> None:
-    """eft_fast.naive_loop over the three models, one request after another, combined by the
-    eager torch sampler (its own torch generator per request, seeded with the request's seed)."""
+def _profiled_trio(models: BenchModels) -> tuple[list, Profiler]:
+    """The three models of a baseline loop, and a profiler that times their forwards."""
     trio = [models.knowledge, models.tuned, models.reference]
-    vocab = models.vocab_size
     profiler = Profiler()
     for model, role in zip(trio, ("knowledge", "tuned", "reference")):
         profiler.wrap(model, "forward", "forward",
                       detail=lambda *a, role=role, **kw: f"{role} forward, {kw['input_ids'].shape[-1]} tokens")
+    return trio, profiler
+
+
+def run_naive(models: BenchModels, column: Column, prompts: list[list[int]], params: list[SamplingParams],
+              device) -> None:
+    """eft_fast.naive_loop over the three models, one request after another, combined by the
+    eager torch sampler (its own torch generator per request, seeded with the request's seed)."""
+    trio, profiler = _profiled_trio(models)
+    vocab = models.vocab_size
     outputs = []
     with profiled(profiler), _Timed(device) as timer:
         for prompt, sp in zip(prompts, params):
@@ -190,12 +196,8 @@ def run_naive_batched(models: BenchModels, column: Column, prompts: list[list[in
     """eft_fast.naive_loop.naive_batched_generate over the three models: every request in one
     static batch (left padding), combined by the eager torch sampler over the whole batch (one
     torch generator, seeded with the first request's seed)."""
-    trio = [models.knowledge, models.tuned, models.reference]
+    trio, profiler = _profiled_trio(models)
     vocab = models.vocab_size
-    profiler = Profiler()
-    for model, role in zip(trio, ("knowledge", "tuned", "reference")):
-        profiler.wrap(model, "forward", "forward",
-                      detail=lambda *a, role=role, **kw: f"{role} forward, {kw['input_ids'].shape[-1]} tokens")
     gen = torch.Generator(device=device).manual_seed(params[0].seed)
 
     def combine(logits, step):
