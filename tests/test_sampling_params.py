@@ -103,3 +103,12 @@ def test_outputs():
         StreamDelta("0", [3], "a", finish_reason="stop")
     with pytest.raises(ValueError, match="finish_reason must be one of"):
         StreamDelta("0", [3], "a", finished=True, finish_reason="aborted")
+
+
+def test_temperatures_below_the_greedy_threshold_are_stored_as_greedy():
+    """One normalisation for the fused op and the speculative acceptance math alike."""
+    from eft_fast._validation import GREEDY_TEMPERATURE
+
+    assert SamplingParams(temperature=GREEDY_TEMPERATURE / 2).temperature == 0.0
+    assert SamplingParams(temperature=GREEDY_TEMPERATURE).temperature == GREEDY_TEMPERATURE
+    assert SamplingParams(temperature=0.7).temperature == 0.7

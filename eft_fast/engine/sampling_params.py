@@ -6,6 +6,8 @@ import numbers
 import struct
 from dataclasses import dataclass
 
+from .._validation import GREEDY_TEMPERATURE
+
 _SEED_LIMIT = 2**63
 _INT64_LIMIT = 2**63
 MAX_LOGPROBS = 20   # most alternatives per token that logprobs / prompt_logprobs may ask for
@@ -67,7 +69,9 @@ class SamplingParams:
 
     Attributes:
         max_tokens: most tokens to generate (>= 1).
-        temperature: T >= 0 of the final distribution softmax(z / T); 0 = greedy.
+        temperature: T >= 0 of the final distribution softmax(z / T); 0 = greedy. Values below
+            GREEDY_TEMPERATURE (1e-5) are stored as 0 (z / T would overflow float32), so the
+            fused op and the speculative acceptance math see the same temperature.
         top_k: keep the k most likely tokens of the final distribution (0 = off).
         top_p: nucleus filter on the final distribution, in (0, 1] (1 = off).
         weight_top_p: p_w in (0, 1], the top-p set of the small-scale policy where the knowledge
@@ -109,7 +113,7 @@ class SamplingParams:
         temperature = _float("temperature", self.temperature)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        put("temperature", temperature)
+        put("temperature", 0.0 if temperature < GREEDY_TEMPERATURE else temperature)
         top_k = _int("top_k", self.top_k, minimum=0)
         if top_k >= _INT64_LIMIT:
             raise ValueError(f"top_k must be < 2**63 (0 = off; any k >= the vocabulary keeps every token), "
