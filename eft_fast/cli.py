@@ -58,6 +58,13 @@ def _cmd_bench(args) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"eft-fast bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
+    if args.host_overhead:
+        if args.op or args.tensor_parallel_size > 1 or any(getattr(args, n) is not None for n in
+                                                             ("knowledge", "tuned", "reference", "dtype")):
+            print("eft-fast bench: --host-overhead runs its own tiny models alone (no --op, model options, "
+                  "--dtype or --tensor-parallel-size)", file=sys.stderr)
+            return 2
+        return _cmd_bench_host_overhead(args)
     if args.op:
         engine_only = [f"--{name}" for name in ("knowledge", "tuned", "reference", "dtype")
                        if getattr(args, name) is not None]
@@ -81,6 +88,33 @@ def _cmd_bench_op(args) -> int:
     print(f"copy bandwidth: {bandwidth:.1f} GB/s")
     print(format_table(results))
     path = write_json(results, bandwidth, Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bench_host_overhead(args) -> int:
+    """The engine's host work per decode step on tiny models (eft_fast.bench.host_overhead)."""
+    import json
+
+    from .bench.host_overhead import format_table, payload, run_host_overhead
+
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else torch.get_num_threads())
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        print(f"host overhead per decode step on {args.device} ({threads} threads)", flush=True)
+        rows = run_host_overhead(args.device, quick=args.quick,
+                                 progress=None if args.no_progress else
+                                 lambda r: print(f"  {r.label}, batch {r.batch}: host {r.host_ms:.2f} ms/step",
+                                                 flush=True))
+    finally:
+        torch.set_num_threads(saved_threads)
+    print(format_table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "host_overhead.json"
+    path.write_text(json.dumps(payload(rows, command=args.command_line, device=args.device, threads=threads),
+                               indent=2))
     print(f"wrote {path}")
     return 0
 
@@ -213,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Default: the engine benchmark, tokens/s of EFT decoding (naive loop, eft_fast, speculative "
                     "EFT) on a synthetic model family built in-process, or on --knowledge/--tuned/--reference.")
     p_bench.add_argument("--op", action="store_true", help="the fused op vs eager torch and the memory floor")
+    p_bench.add_argument("--host-overhead", action="store_true",
+                         help="the engine's host work per decode step, on tiny models (forwards and the op apart)")
     p_bench.add_argument("--knowledge", help="engine benchmark on real models: the knowledge model (HF id or path)")
     p_bench.add_argument("--tuned", help="the tuned model (with --knowledge and --reference)")
     p_bench.add_argument("--reference", help="the tuned model's base (with --knowledge and --tuned)")

@@ -160,3 +160,18 @@ def test_bench_tensor_parallel(tmp_path, capsys):
     assert data["identical"] and all(r["tokens_per_s"] > 0 for r in data["rows"])
     assert data["rows"][1]["broadcast_ms"] > 0 and data["rows"][0]["broadcast_ms"] is None
     assert "tokens identical: True" in capsys.readouterr().out
+
+
+def test_bench_host_overhead_quick(tmp_path, capsys):
+    """--host-overhead: every configuration and batch, wall time split into buckets that add up."""
+    assert main(["bench", "--host-overhead", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "EFT, speculative round k=4" in capsys.readouterr().out
+    data = json.loads((tmp_path / "host_overhead.json").read_text())
+    rows = data["rows"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [(m, b) for m in ("single", "eft", "spec_k4") for b in (1, 16)]
+    for r in rows:
+        assert math.isclose(sum(r["ms"].values()), r["wall_ms"], rel_tol=1e-6)
+        assert r["host_ms"] == pytest.approx(r["wall_ms"] - r["ms"]["forward"] - r["ms"]["op"])
+        assert r["ms"]["forward"] > 0 and r["ms"]["op"] > 0 and r["host_ms"] > 0
+        assert r["tokens_per_step"] >= r["batch"]           # one token per request per step, more with drafts
+    assert main(["bench", "--host-overhead", "--op", "--out", str(tmp_path)]) == 2

@@ -31,9 +31,10 @@ def breakdown(bucket_seconds: dict[str, float], wall_s: float) -> dict:
 class Profiler:
     """Exclusive wall-time buckets of wrapped callables."""
 
-    def __init__(self):
-        self.seconds = {b: 0.0 for b in BUCKETS}
-        self.calls = {b: 0 for b in BUCKETS}
+    def __init__(self, buckets: tuple[str, ...] = BUCKETS):
+        self.buckets = buckets
+        self.seconds = {b: 0.0 for b in buckets}
+        self.calls = {b: 0 for b in buckets}
         self.detail: dict[str, dict] = {}      # finer keys (e.g. one model's forwards of one size)
         self._children: list[float] = []     # time spent in nested timers, per open frame
         self._patched: list[tuple] = []        # (object, attribute, had its own, original)
@@ -41,8 +42,8 @@ class Profiler:
     def timed(self, fn, bucket: str, detail=None):
         """``fn`` wrapped to add its exclusive wall time to ``bucket``, and to
         ``self.detail[detail(*args, **kwargs)]`` when ``detail`` is given."""
-        if bucket not in BUCKETS:
-            raise ValueError(f"bucket must be one of {BUCKETS}, got {bucket!r}")
+        if bucket not in self.buckets:
+            raise ValueError(f"bucket must be one of {self.buckets}, got {bucket!r}")
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):

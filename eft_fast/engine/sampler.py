@@ -181,10 +181,10 @@ def _sample_each_request(roles, logits, rows, positions, backend, return_row_log
 def _op_inputs(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request], positions: list[int], *,
                vocab_size: int, draft: bool, need_reference: bool) -> EFTInputs:
     """The op's checked, canonical inputs for these rows."""
-    tuned = torch.stack([logits[m] for m in roles.tuned])                          # [R, N, V]
+    tuned = _models_axis([logits[m] for m in roles.tuned])                         # [R, N, V]
     reference = None
     if roles.reference and (need_reference or not draft):
-        reference = torch.stack([logits[m] for m in dict.fromkeys(roles.reference)])
+        reference = _models_axis([logits[m] for m in dict.fromkeys(roles.reference)])
     knowledge = None if (draft or roles.single_model) else logits[roles.knowledge]
     num_tuned = len(roles.tuned)
     p = [r.params for r in rows]
@@ -202,6 +202,12 @@ def _op_inputs(roles: Roles, logits: dict[int, torch.Tensor], rows: list[Request
         top_k=_column("top_k", [x.top_k for x in p], i64, device),
         top_p=_column("top_p", [x.top_p for x in p], f32, device),
         vocab_size=vocab_size)
+
+
+def _models_axis(per_model: list[torch.Tensor]) -> torch.Tensor:
+    """[N, V] logits per model -> [R, N, V]; one model is a view (the op reads strided rows),
+    so the common single tuned / single reference case copies nothing."""
+    return per_model[0].unsqueeze(0) if len(per_model) == 1 else torch.stack(per_model)
 
 
 def _column(name: str, values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
