@@ -104,17 +104,22 @@ class SpeculativeDecoder:
         # 1. draft: k + 1 one-token steps of the small models, k samples from s
         drafts = torch.zeros(n, k, dtype=torch.int64)
         draft_results = []
-        small_logits: dict[int, list[torch.Tensor]] = {m: [] for m in draft_models}
+        # Each small model's logits of the k + 1 steps, [n, k + 1, V]: step i is copied into
+        # column i (the static step's output is rewritten by its next call), sampled from
+        # there as a strided [n, V] view, and verified as [n (k + 1), V] without another copy.
+        small_logits: dict[int, torch.Tensor] = {}
         draft_logq = []
         for i in range(k + 1):
             feed = pending if i == 0 else drafts[:, i - 1].tolist()
             for m in draft_models:
                 out = self.decode_steps[m].forward([SequenceStep(r.tables[m], [t]) for r, t in zip(requests, feed)])
-                small_logits[m].append(out.clone())            # the static buffer is reused next step
+                if m not in small_logits:
+                    small_logits[m] = out.new_empty(n, k + 1, out.shape[-1])
+                small_logits[m][:, i].copy_(out)
                 self.forward_counts[m] += 1
             if i == k:
                 break
-            res = self._sample({m: small_logits[m][i] for m in draft_models}, requests, [p + i for p in base],
+            res = self._sample({m: small_logits[m][:, i] for m in draft_models}, requests, [p + i for p in base],
                                draft=True, need_reference=need_ref, return_row_logprobs=rejection)
             draft_results.append(res)
             drafts[:, i] = torch.where(res.status == 0, res.tokens, torch.zeros_like(res.tokens))
@@ -128,7 +133,7 @@ class SpeculativeDecoder:
             logits[m] = self._verify_forward(m, [SequenceStep(r.tables[m], v) for r, v in zip(requests, verify_tokens)], k)
             self.forward_counts[m] += 1
         for m in draft_models:
-            logits[m] = torch.stack(small_logits[m], dim=1).flatten(0, 1)       # [n (k + 1), V]
+            logits[m] = small_logits[m].flatten(0, 1)                          # [n (k + 1), V]
         rows = [r for r in requests for _ in range(k + 1)]
         positions = [p + i for p in base for i in range(k + 1)]
         res = self._sample(logits, rows, positions, return_row_logprobs=rejection)
