@@ -2,6 +2,7 @@
 `eft-fast serve`, and the mapping of engine errors back to those options."""
 from __future__ import annotations
 
+import argparse
 import re
 
 # Option names of the SamplingParams / EngineConfig fields whose errors the CLI passes on.
@@ -26,7 +27,8 @@ def add_model_arguments(p) -> None:
 
 
 def add_engine_arguments(p) -> None:
-    p.add_argument("--speculative-k", type=int, default=0)
+    p.add_argument("--speculative-k", type=_draft_length, default=0,
+                   help="draft tokens per round (0 = off), or 'auto' (adaptive, exact acceptance)")
     p.add_argument("--accept", default="exact", choices=["exact", "rejection"])
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64 (default: as stored)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cpu)")
@@ -93,3 +95,13 @@ def one_line(error: BaseException) -> str:
     """An exception's message on one line (the type name when it has none)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(lines) or type(error).__name__
+
+
+def _draft_length(text: str) -> int | str:
+    """--speculative-k: an int, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int or 'auto', got {text!r}") from None

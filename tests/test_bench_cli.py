@@ -47,6 +47,8 @@ def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
             c = w["columns"][f"spec_k{k}"]
             assert c["speculative_k"] == k and c["accept"] == "exact" and c["identical"] is True
             assert 0.0 <= c["acceptance_rate"] <= 1.0 and c["rounds"] > 0
+        auto = w["columns"]["spec_auto"]
+        assert auto["speculative_k"] == "auto" and auto["accept"] == "exact" and auto["identical"] is True
         rejection = w["columns"]["rejection"]
         assert rejection["accept"] == "rejection" and rejection["speculative_k"] == w["best_k"]
         assert rejection["identical"] is None
@@ -54,14 +56,16 @@ def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
         assert w["speedup_vs_naive"]["naive"] == pytest.approx(1.0)
     assert concurrent["speedup_vs_naive_batched"]["naive_batched"] == pytest.approx(1.0)
     # Mixed lengths: eft_fast EFT and the naive batched loop on long-tailed max_tokens in [4, 32].
-    assert list(mixed["columns"]) == ["naive_batched", "eft"] and mixed["best_k"] is None
+    assert list(mixed["columns"]) == ["naive_batched", "eft", "spec_auto"] and mixed["best_k"] is None
+    assert mixed["columns"]["spec_auto"]["identical"] is True
     lengths = mixed["max_tokens_each"]
     assert len(lengths) == 8 and all(4 <= n <= 32 for n in lengths) and mixed["max_tokens"] == max(lengths)
     for c in mixed["columns"].values():
         assert c["tokens"] == sum(lengths) and c["tokens_per_s"] > 0
     assert data["identical"] is True
     assert [t["workload"] for t in data["targets"]] == ["batch1", "concurrent16", "batch1", "batch1", "concurrent16",
-                                                        "concurrent16", "mixed8"]
+                                                        "concurrent16", "mixed8", "batch1", "concurrent16", "mixed8",
+                                                        "batch1"]
     for target in data["targets"]:
         assert target["measured"] > 0 and isinstance(target["met"], bool)
     try:

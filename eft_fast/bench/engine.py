@@ -7,8 +7,8 @@ Three workloads, each on the same prompts and seeds for every column, in one run
   * batch 1: a few prompts, one request at a time;
   * 16 concurrent: 16 equal-length requests submitted together (aggregate tokens/s);
   * 64 mixed lengths: 64 requests submitted together whose max_tokens are log-uniform in
-    [8, 256] (seeded), where continuous batching matters; columns eft_fast EFT and the naive
-    batched loop only.
+    [8, 256] (seeded), where continuous batching matters; columns eft_fast EFT, spec k=auto and
+    the naive batched loop only.
 Columns (temperature 1, weight_top_p 0.9, EOS ignored, so every column generates the same
 number of tokens):
   tuned alone       the small tuned model sampled by itself (EFTEngine(tuned=...))
@@ -22,6 +22,8 @@ number of tokens):
                     naive loop, so it runs for the concurrent workloads only
   eft_fast EFT      EFTEngine(knowledge, tuned, reference), no speculation
   spec k=2..16      speculative EFT, exact acceptance (checked token-identical to eft_fast EFT)
+  spec k=auto       speculative_k="auto": each round's draft length from the measured costs and
+                    acceptance (eft_fast.engine.adaptive_k), exact acceptance (checked identical)
   rejection         speculative EFT with rejection sampling at the workload's best exact k
 Without --knowledge/--tuned/--reference the models are the synthetic family of
 eft_fast.bench.synthetic, built from a seed (no downloads).
@@ -94,17 +96,19 @@ class WorkloadResult:
     columns: dict[str, Column] = field(default_factory=dict)
 
     def best_exact_k(self) -> int | None:
-        spec = [c for c in self.columns.values() if c.accept == "exact"]
+        """The fixed draft length of the fastest exact speculative column (not "auto")."""
+        spec = [c for c in self.columns.values() if c.accept == "exact" and c.key.startswith("spec_k")]
         return max(spec, key=lambda c: c.tokens_per_s).k if spec else None
 
 
 # ---- columns --------------------------------------------------------------------------------
 ENGINE_COLUMNS = [("tuned", "tuned alone", {}), ("knowledge", "knowledge alone", {}),
                   ("eft", "eft_fast EFT", {})] + \
-                 [(f"spec_k{k}", f"spec k={k}", {"speculative_k": k, "accept": "exact"}) for k in SPEC_KS]
+                 [(f"spec_k{k}", f"spec k={k}", {"speculative_k": k, "accept": "exact"}) for k in SPEC_KS] + \
+                 [("spec_auto", "spec k=auto", {"speculative_k": "auto", "accept": "exact"})]
 COLUMN_ORDER = ["tuned", "knowledge", "naive", "naive_batched", "eft"] + [f"spec_k{k}" for k in SPEC_KS] + \
-               ["rejection"]
-MIXED_COLUMNS = ("eft",)     # engine columns of the mixed-lengths workload (besides naive batched)
+               ["spec_auto", "rejection"]
+MIXED_COLUMNS = ("eft", "spec_auto")   # engine columns of the mixed-lengths workload (besides naive batched)
 
 
 def make_engine(models: BenchModels, key: str, workloads: list[Workload], **config) -> EFTEngine:
@@ -218,7 +222,7 @@ def warm_up(engine: EFTEngine, workload: Workload, settings: BenchSettings) -> N
     verify step)."""
     prompts = workload.prompts[:1]
     engine.generate(prompts, sampling_params(Workload("", "", 1, prompts, 0), settings,
-                                     max_tokens=engine.config.speculative_k + 3))
+                                     max_tokens=engine.config.max_draft_len + 3))
 
 
 # ---- the whole benchmark --------------------------------------------------------------------
@@ -255,7 +259,7 @@ def run_engine_benchmark(models: BenchModels, settings: BenchSettings, device, p
 
     def engine_column(result, key, label, engine, prompts, params, together):
         column = column_of(result, key, label, k=engine.config.speculative_k,
-                           accept=engine.config.accept if engine.config.speculative_k else None)
+                           accept=engine.config.accept if engine.config.max_draft_len else None)
         run_engine(engine, column, prompts, params, together, device)
         advance(result, column)
 

@@ -23,6 +23,10 @@ TARGETS = [
     ("eft_fast EFT vs naive batched loop, 16 concurrent", 1, "eft", "naive_batched", 1.2),
     ("eft_fast best exact configuration vs naive batched loop, 16 concurrent", 1, "best_exact", "naive_batched", 1.3),
     ("eft_fast EFT vs naive batched loop, mixed lengths", 2, "eft", "naive_batched", 3.0),
+    ("spec k=auto vs eft_fast EFT (k = 0), batch 1", 0, "spec_auto", "eft", 0.95),
+    ("spec k=auto vs eft_fast EFT (k = 0), 16 concurrent", 1, "spec_auto", "eft", 0.95),
+    ("spec k=auto vs eft_fast EFT (k = 0), mixed lengths", 2, "spec_auto", "eft", 0.95),
+    ("spec k=auto vs the best fixed k, batch 1", 0, "spec_auto", "best_spec", 0.9),
 ]
 
 
@@ -33,6 +37,15 @@ def _column(result: WorkloadResult, key: str):
         exact = [c for c in result.columns.values() if c.key == "eft" or c.accept == "exact"]
         return max(exact, key=lambda c: c.tokens_per_s)
     return result.columns[key]
+
+
+def _available(result: WorkloadResult, key: str) -> bool:
+    """Whether the workload ran the column ``key`` names (see _column)."""
+    if key == "best_spec":
+        return result.best_exact_k() is not None
+    if key == "best_exact":
+        return "eft" in result.columns
+    return key in result.columns
 
 
 def speedups(result: WorkloadResult, baseline: str) -> dict[str, float]:
@@ -47,10 +60,10 @@ def evaluate_targets(results: list[WorkloadResult]) -> list[dict]:
         if index >= len(results):
             continue
         result = results[index]
-        if baseline not in result.columns or (key == "best_spec" and result.best_exact_k() is None):
+        if not (_available(result, key) and _available(result, baseline)):
             continue
-        column = _column(result, key)
-        ratio = column.tokens_per_s / result.columns[baseline].tokens_per_s
+        column, base = _column(result, key), _column(result, baseline)
+        ratio = column.tokens_per_s / base.tokens_per_s
         entry = {"target": name, "workload": result.workload.key, "column": column.key, "baseline": baseline,
                  "minimum": minimum,
                  "measured": ratio, "met": ratio >= minimum, "shortfall": max(minimum / ratio, 1.0)}

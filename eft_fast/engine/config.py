@@ -17,7 +17,9 @@ def _positive_int(name: str, value, allow_none: bool = False, allow_zero: bool =
 class EngineConfig:
     """Scheduling and cache settings shared by every model of an engine.
 
-    speculative_k: draft tokens per round (0 = no speculation).
+    speculative_k: draft tokens per round (0 = no speculation), or "auto": each round picks its
+        draft length in {0, 1, 2, 4, 8} from the running acceptance rate and the measured cost
+        of rounds at the current batch size (adaptive_k.py; exact acceptance only).
     accept: "exact" (token-identical to k = 0) or "rejection" (Leviathan et al.).
     block_size: tokens per KV block.
     max_num_seqs: the most requests decoding at once (also the largest CUDA-graph bucket).
@@ -36,7 +38,7 @@ class EngineConfig:
         at most ``max_num_batched_tokens`` tokens per model and step (see scheduler.py).
     """
 
-    speculative_k: int = 0
+    speculative_k: int | str = 0
     accept: str = "exact"
     block_size: int = 16
     max_num_seqs: int = 64
@@ -52,9 +54,17 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
 
     def __post_init__(self):
-        _positive_int("speculative_k", self.speculative_k, allow_zero=True)
+        if self.speculative_k != "auto":
+            try:
+                _positive_int("speculative_k", self.speculative_k, allow_zero=True)
+            except ValueError:
+                raise ValueError(f"speculative_k must be a non-negative int or 'auto', got {self.speculative_k!r}") \
+                    from None
         if self.accept not in ACCEPT_MODES:
             raise ValueError(f"accept must be one of {ACCEPT_MODES}, got {self.accept!r}")
+        if self.speculative_k == "auto" and self.accept != "exact":
+            raise ValueError("speculative_k='auto' needs accept='exact': rejection sampling's samples depend on "
+                             "the draft length, so an adaptive one would make them depend on timing")
         _positive_int("block_size", self.block_size)
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
@@ -74,3 +84,15 @@ class EngineConfig:
 
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @property
+    def adaptive_speculation(self) -> bool:
+        """speculative_k == "auto"."""
+        return self.speculative_k == "auto"
+
+    @property
+    def max_draft_len(self) -> int:
+        """The longest draft of a round (KV room is reserved for it): k, or 8 for "auto"."""
+        from .adaptive_k import AUTO_MAX_K
+
+        return AUTO_MAX_K if self.adaptive_speculation else self.speculative_k

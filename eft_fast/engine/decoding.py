@@ -2,8 +2,11 @@
 round (speculative.py)."""
 from __future__ import annotations
 
+import time
+
 import torch
 
+from .adaptive_k import DraftLengthController
 from .config import EngineConfig
 from .model_runner import ModelRunner, SequenceStep
 from .request import Request
@@ -25,7 +28,10 @@ class Decoder:
                              for r in runners]
         # Speculation needs a knowledge model to verify; a single model or s alone decodes plainly.
         self.speculative = None
-        if config.speculative_k > 0 and roles.knowledge is not None:
+        self.draft_control = None       # speculative_k="auto": the draft length of each round
+        if config.adaptive_speculation and roles.knowledge is not None:
+            self.draft_control = DraftLengthController(config.max_draft_len, config.max_num_seqs)
+        if config.max_draft_len > 0 and roles.knowledge is not None:
             self.speculative = SpeculativeDecoder(runners, roles, config, vocab_size, self.decode_steps,
                                                   self.graph_pools)
 
@@ -38,11 +44,17 @@ class Decoder:
 
         Returns the new tokens (their logprobs, top alternatives, error) per request.
         """
-        if self.speculative is not None:
+        if self.speculative is None:
+            return self.plain_round(requests)
+        if self.draft_control is None:
             k, own = draft_lengths(requests, self.runners, self.speculative.k)
-            if k > 0:
-                return self.speculative.round(requests, k, own)
-        return self.plain_round(requests)
+            return self.speculative.round(requests, k, own) if k > 0 else self.plain_round(requests)
+        k, own = draft_lengths(requests, self.runners, self.draft_control.choose(len(requests)))
+        start = time.perf_counter()
+        out = self.speculative.round(requests, k, own) if k > 0 else self.plain_round(requests)
+        self.draft_control.record(k, len(requests), time.perf_counter() - start, own,
+                                  [len(o.tokens) - 1 for o in out])
+        return out
 
     @torch.inference_mode()
     def plain_round(self, requests: list[Request]) -> list[TokensOut]:

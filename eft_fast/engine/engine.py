@@ -73,7 +73,7 @@ class EFTEngine:
     """
 
     def __init__(self, knowledge=None, tuned=None, reference=None, *, tokenizer=None, dtype=None, device=None,
-                 prompt_format=None, speculative_k: int = 0, accept: str = "exact", block_size: int = 16,
+                 prompt_format=None, speculative_k: int | str = 0, accept: str = "exact", block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, max_model_len: int | None = None,
                  use_cuda_graph: bool | None = None, backend: str = "auto", tensor_parallel_size: int = 1,
@@ -599,7 +599,9 @@ class EFTEngine:
         kv_blocks_cached: blocks registered in the prefix cache (in use or free);
         prefill_tokens_computed: per model role, tokens its prefill steps computed.
         num_preemptions; with speculation, proposed / accepted draft tokens, rounds (a round is
-        one request's draft-and-verify), acceptance rate and mean accepted drafts per round.
+        one request's draft-and-verify), acceptance rate and mean accepted drafts per round;
+        with speculative_k="auto", adaptive_speculation: the acceptance estimate and the rounds
+        run at each draft length (0 = a plain step).
         """
         sched = self.scheduler
         out = {"num_requests_running": len(sched.running), "num_requests_waiting": len(sched.waiting),
@@ -616,6 +618,8 @@ class EFTEngine:
             out.update(proposed_tokens=spec.proposed, accepted_tokens=spec.accepted, rounds=spec.rounds,
                        acceptance_rate=spec.accepted / spec.proposed if spec.proposed else None,
                        mean_accepted_per_round=spec.accepted / spec.rounds if spec.rounds else None)
+        if self.decoder.draft_control is not None:     # speculative_k="auto"
+            out["adaptive_speculation"] = self.decoder.draft_control.stats()
         return out
 
     def _metrics(self, request: Request) -> RequestMetrics:

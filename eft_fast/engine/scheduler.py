@@ -71,12 +71,12 @@ class Scheduler:
     def _reserve(self, request: Request) -> bool:
         """Grow every model's table for the request's next round; all or nothing.
 
-        Room for the sequence so far plus as many of the ``speculative_k`` drafts as the free
+        Room for the sequence so far plus as many of the ``max_draft_len`` drafts as the free
         blocks allow: draft_lengths drafts only as far as every table reaches, so a short pool
         shortens the drafts instead of failing or preempting a request that fits without them
         (exact speculation then never changes a request's tokens or finish reason).
         """
-        for lookahead in range(self.config.speculative_k, -1, -1):
+        for lookahead in range(self.config.max_draft_len, -1, -1):
             needed = [self._needed(request, m, lookahead) for m in range(len(self.runners))]
             if all(r.blocks.can_hold(request.tables[m], needed[m]) for m, r in enumerate(self.runners)):
                 for m, runner in enumerate(self.runners):
@@ -254,7 +254,7 @@ class Scheduler:
         """
         decoding = [r for r in self.running if r.is_decoding]
         prefill_work = len(decoding) < len(self.running) or bool(self.waiting)
-        speculative = self.config.speculative_k > 0
+        speculative = self.config.max_draft_len > 0
         if decoding and (not prefill_work or (speculative and self._round_turn)):
             self._round_turn = False
             scheduled = self._reserve_decoding(decoding)

@@ -31,6 +31,7 @@ from .model_runner import ModelRunner, SequenceStep
 from .request import Request
 from .sampler import ROW_REJECTED, Roles, TokensOut, needs_reference, sample
 from .sampling_params import SamplingParams
+from .adaptive_k import CANDIDATES
 from .static_step import GraphPools, StaticStep
 
 NEG_INF = float("-inf")
@@ -66,7 +67,7 @@ class SpeculativeDecoder:
                  decode_steps: list[StaticStep], graph_pools: GraphPools | None = None):
         self.runners = runners
         self.roles = roles
-        self.k = config.speculative_k
+        self.k = config.max_draft_len
         self.accept = config.accept
         self.backend = config.backend
         self.vocab_size = vocab_size
@@ -74,16 +75,18 @@ class SpeculativeDecoder:
         self.max_batch = config.max_num_seqs
         self.use_cuda_graph = config.use_cuda_graph
         self.graph_pools = graph_pools
-        self._verify_steps: dict[int, StaticStep] = {}
+        self._verify_steps: dict[tuple[int, int], StaticStep] = {}    # (model, k) -> its verify step
+        # Draft lengths whose verify is a static step: k itself, or every adaptive candidate.
+        self.static_ks = set(CANDIDATES) - {0} if config.adaptive_speculation else {self.k}
         self.forward_counts = [0] * len(runners)       # model forwards, for tests and metrics
         self.proposed = self.accepted = self.rounds = 0  # aggregate over every request
 
     def _verify_forward(self, m: int, steps: list[SequenceStep], k: int) -> torch.Tensor:
-        if k == self.k:   # the full-length verify is a static (CUDA-graph) step
-            if m not in self._verify_steps:
-                self._verify_steps[m] = StaticStep(self.runners[m], self.k + 1, self.max_batch, self.use_cuda_graph,
-                                                   graph_pools=self.graph_pools)
-            return self._verify_steps[m].forward(steps)
+        if k in self.static_ks:   # a full-length verify (or an adaptive candidate): a static (CUDA-graph) step
+            if (m, k) not in self._verify_steps:
+                self._verify_steps[m, k] = StaticStep(self.runners[m], k + 1, self.max_batch, self.use_cuda_graph,
+                                                      graph_pools=self.graph_pools)
+            return self._verify_steps[m, k].forward(steps)
         return self.runners[m].forward(steps, all_logits=True)
 
     def _sample(self, logits, rows, positions, **kw):
