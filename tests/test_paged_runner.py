@@ -197,3 +197,24 @@ def test_paged_attention_refuses_softcap_and_narrow_sliding_windows():
     # this empty metadata, not on the window)
     with pytest.raises(AttributeError):
         paged_attention_forward(torch.nn.Module(), q, q, q, None, eft_metadata=meta, sliding_window=16)
+
+
+def test_decode_step_indices_equal_the_general_ones(rng):
+    """The torch path's decode fast path (one token per sequence) builds the same gather
+    indices and mask as the general path."""
+    from eft_fast.engine import attention
+
+    num_seqs, block_size, max_blocks, dummy = 7, 4, 6, 999
+    block_tables = torch.randint(0, 50, (num_seqs, max_blocks), generator=rng, dtype=torch.int32)
+    seq_lens = torch.randint(1, max_blocks * block_size + 1, (num_seqs,), generator=rng, dtype=torch.int32)
+    starts = torch.arange(num_seqs, dtype=torch.int64)
+    max_kv = int(seq_lens.max())
+    fast = attention._decode_indices(block_tables, seq_lens, starts, max_kv, block_size, dummy)
+    general = attention._group_indices(block_tables, seq_lens, starts, torch.ones(num_seqs, dtype=torch.int64), 1,
+                                       max_kv, block_size, dummy, None, num_seqs)
+    for name in ("query_index", "key_slots", "mask", "token_seq", "token_col"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)), name
+    query_start_loc = torch.arange(num_seqs + 1, dtype=torch.int32)
+    built = attention.build_torch_path_indices(block_tables, seq_lens, query_start_loc, num_seqs, 1, max_kv,
+                                               block_size, dummy)
+    assert len(built) == 1 and torch.equal(built[0].mask, general.mask)

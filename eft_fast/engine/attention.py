@@ -88,6 +88,8 @@ def build_torch_path_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor,
     step must not read the device) the step is one group.
     """
     starts = query_start_loc[:-1].to(torch.int64)
+    if max_query_len == 1 and num_tokens == starts.shape[0]:     # a decode step: one token per sequence
+        return [_decode_indices(block_tables, seq_lens, starts, max_kv_len, block_size, dummy_slot)]
     q_lens = query_start_loc[1:].to(torch.int64) - starts                               # [S]
     if block_tables.device.type == "cpu" and q_lens.numel() > 1:
         q_host, kv_host = q_lens.tolist(), seq_lens.tolist()
@@ -104,6 +106,23 @@ def build_torch_path_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor,
             return groups
     return [_group_indices(block_tables, seq_lens, starts, q_lens, max_query_len, max_kv_len, block_size, dummy_slot,
                            None, num_tokens)]
+
+
+def _decode_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor, max_kv_len: int,
+                    block_size: int, dummy_slot: int) -> TorchPathIndices:
+    """:func:`_group_indices` for a step whose every sequence brings exactly one token (the
+    query sits at position seq_len - 1 and sees every key before it): the same indices from
+    fewer ops, since decode steps are the engine's most frequent ones."""
+    device = block_tables.device
+    key_pos = torch.arange(max_kv_len, device=device)                                   # [Kmax]
+    block_idx = (key_pos // block_size).clamp(max=block_tables.shape[1] - 1)
+    slots = block_tables.to(torch.int64)[:, block_idx] * block_size + key_pos % block_size  # [S, Kmax]
+    valid_k = key_pos[None, :] < seq_lens.to(torch.int64)[:, None]                       # [S, Kmax]
+    key_slots = torch.where(valid_k, slots, torch.full_like(slots, dummy_slot))
+    num_seqs = starts.shape[0]
+    return TorchPathIndices(starts[:, None], key_slots, valid_k[:, None, None, :],
+                            torch.arange(num_seqs, device=device), torch.zeros(num_seqs, dtype=torch.int64, device=device),
+                            None)
 
 
 def _group_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
