@@ -137,6 +137,54 @@ def test_a_worker_whose_forward_raises_is_restarted_and_the_engine_goes_on(knowl
         assert engine.stats()["num_requests_running"] == 0
 
 
+def test_a_worker_that_keeps_failing_stops_the_engine_after_the_restart_limit(knowledge_dir, tokenizer, small,
+                                                                               monkeypatch):
+    from eft_fast.engine.parallel.group import MAX_RESTARTS
+
+    prompts, params = tp_common.requests(len(tokenizer), 4, max_tokens=6)
+    monkeypatch.delenv("EFT_TEST_TP_FAIL_MARKER", raising=False)
+    monkeypatch.setattr(TensorParallelGroup, "worker_entry", staticmethod(lambda: tp_common.failing_spawned_worker))
+    engine = _engine(knowledge_dir, tokenizer, small, tp=2, max_num_seqs=2)
+    try:
+        with pytest.raises(TensorParallelError, match="injected worker failure"):
+            for _ in range(2 * MAX_RESTARTS + 2):
+                engine.generate(prompts, params)
+        assert engine._tp_group.restarts == MAX_RESTARTS and engine._tp_group.closed
+    finally:
+        engine.close()
+
+
+def test_dropped_frames_free_what_a_failed_forward_held():
+    """The restart frees the old shard only if the failed forward's frames let go of it."""
+    import weakref
+
+    from eft_fast.engine.engine import _drop_frames
+
+    class Big:
+        pass
+
+    refs = []
+
+    def forward(held):
+        refs.append(weakref.ref(held))
+        raise RuntimeError("boom")
+
+    def step():
+        big = Big()
+        try:
+            forward(big)
+        except RuntimeError as e:
+            del big
+            raise TensorParallelError("failed") from e
+
+    try:
+        step()
+    except TensorParallelError as exc:
+        assert refs[0]() is not None          # the failed forward's frame still holds it
+        _drop_frames(exc)
+        assert refs[0]() is None
+
+
 def test_more_ranks_than_visible_gpus(knowledge_dir, monkeypatch):
     from eft_fast.engine.parallel import check_tensor_parallel
 

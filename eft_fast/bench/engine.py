@@ -219,10 +219,12 @@ def run_naive_batched(models: BenchModels, column: Column, prompts: list[list[in
 
 def warm_up(engine: EFTEngine, workload: Workload, settings: BenchSettings) -> None:
     """One short request, long enough for a full-length speculative round (which builds the
-    verify step)."""
+    verify step); with "auto" speculation, for every draft length's measurements."""
     prompts = workload.prompts[:1]
-    engine.generate(prompts, sampling_params(Workload("", "", 1, prompts, 0), settings,
-                                     max_tokens=engine.config.max_draft_len + 3))
+    # "auto" measures each draft length twice at a batch size before it chooses: long enough
+    # for that at batch 1 (other batch sizes learn during their timed runs, as in production).
+    max_tokens = 64 if engine.config.adaptive_speculation else engine.config.max_draft_len + 3
+    engine.generate(prompts, sampling_params(Workload("", "", 1, prompts, 0), settings, max_tokens=max_tokens))
 
 
 # ---- the whole benchmark --------------------------------------------------------------------

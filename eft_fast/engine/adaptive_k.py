@@ -72,18 +72,21 @@ class DraftLengthController:
         size = next((b for b in self.buckets if b >= batch), self.buckets[-1])
         return self._by_bucket.setdefault(size, _Bucket())
 
-    def choose(self, batch: int) -> int:
-        """The draft length for a round of ``batch`` requests."""
+    def choose(self, batch: int, limit: int | None = None) -> int:
+        """The draft length for a round of ``batch`` requests, at most ``limit`` (the longest
+        round the requests' budgets, contexts and KV blocks allow now), so the round runs the
+        length chosen and its cost is recorded under it."""
         bucket = self._bucket(batch)
-        unmeasured = [k for k in self.candidates if bucket.seen.get(k, 0) < MEASURE_ROUNDS]
+        candidates = [k for k in self.candidates if limit is None or k <= limit]
+        unmeasured = [k for k in candidates if bucket.seen.get(k, 0) < MEASURE_ROUNDS]
         if unmeasured:
             k = unmeasured[0]
         elif bucket.rounds % REMEASURE_EVERY == REMEASURE_EVERY - 1:
-            k = self.candidates[bucket.next_remeasure % len(self.candidates)]
+            k = candidates[bucket.next_remeasure % len(candidates)]
             bucket.next_remeasure += 1
         else:
             a = self.acceptance
-            k = max(self.candidates, key=lambda c: expected_tokens(c, a) / bucket.cost[c])
+            k = max(candidates, key=lambda c: expected_tokens(c, a) / bucket.cost[c])
         self.chosen[k] = self.chosen.get(k, 0) + 1
         return k
 

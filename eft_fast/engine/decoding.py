@@ -49,7 +49,8 @@ class Decoder:
         if self.draft_control is None:
             k, own = draft_lengths(requests, self.runners, self.speculative.k)
             return self.speculative.round(requests, k, own) if k > 0 else self.plain_round(requests)
-        k, own = draft_lengths(requests, self.runners, self.draft_control.choose(len(requests)))
+        longest, _ = draft_lengths(requests, self.runners, self.speculative.k)
+        k, own = draft_lengths(requests, self.runners, self.draft_control.choose(len(requests), longest))
         start = time.perf_counter()
         out = self.speculative.round(requests, k, own) if k > 0 else self.plain_round(requests)
         self.draft_control.record(k, len(requests), time.perf_counter() - start, own,

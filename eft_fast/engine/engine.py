@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import time
+import traceback
 import weakref
 from typing import Iterable, Iterator, Sequence
 
@@ -359,6 +360,7 @@ class EFTEngine:
         K/V is gone; the prefix caches are dropped). True if the engine can go on; False (the
         caller closes and raises) if the restart failed."""
         logger.warning("restarting the tensor-parallel workers after: %s", exc)
+        _drop_frames(exc)      # the failed forward's frames hold the old shard's modules and activations
         for request in list(self.scheduler.running):
             self.scheduler.preempt(request)          # recomputed from its prompt and outputs
         self.scheduler.recover([])                   # every pool recounted, prefix caches dropped
@@ -636,3 +638,13 @@ class EFTEngine:
             num_cached_tokens={name: n for name, n in
                                zip(self.models.names, request.cached_tokens or [0] * len(self.runners))})
 
+
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames in ``exc``'s tracebacks (and its causes'), so
+    that what they referenced can be freed while the exception object is still alive."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__

@@ -167,8 +167,10 @@ def _sample_each_request(roles, logits, rows, positions, backend, return_row_log
         try:
             inputs = _op_inputs(roles, {m: x[at.to(x.device)] for m, x in logits.items()}, [rows[i] for i in idx],
                                 [positions[i] for i in idx], **kw)
-        except _REJECTED as e:
-            out.status[at] = ROW_REJECTED
+        except _REJECTED as e:     # as the op's own error rows: token -1, log-prob NaN, -inf log-probs
+            out.status[at], out.tokens[at], out.logprobs[at] = ROW_REJECTED, -1, float("nan")
+            if return_row_logprobs:
+                out.row_logprobs[at.to(out.row_logprobs.device)] = float("-inf")
             out.errors.update((i, f"sampling failed: {e}") for i in idx)
             continue
         part = _run(inputs, backend, return_row_logprobs)

@@ -4,9 +4,12 @@ Decode (1 token per sequence) and verify (k+1 tokens per sequence) steps have a 
 number of new tokens per sequence, so their inputs fit static buffers sized for the
 largest batch bucket. On CUDA, one graph per batch-size bucket is captured (largest
 first) and replayed after the buffers are refilled; every static step of the engine on a
-device captures into one memory pool (GraphPools), and a replay hands out the graph's own
-logits tensor (no copy). On CPU the very same buffer code runs eagerly, so its logic is
-tested without a GPU.
+device captures into one memory pool (GraphPools). A graph writes its logits into the step's
+one static logits buffer (a copy inside the graph): handing out each bucket's own output
+instead would keep a logits tensor per bucket alive, about 8.6x the largest bucket's at
+max_num_seqs = 256 (times the verify steps of "auto" speculation). On CPU the very same
+buffer code runs eagerly (returning the forward's logits, no copy), so its logic is tested
+without a GPU.
 
 Padding rows (a batch of n < bucket sequences) write to the dummy slot and attend to the
 dummy block; their logits are never read. No host sync happens inside a captured region.
@@ -27,9 +30,9 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class GraphPools:
-    """One CUDA-graph memory pool per device, shared by every static step of an engine. The
-    graphs replay one at a time on one stream and each keeps its output tensor alive, so only
-    their intermediates share memory, which no graph reads across replays."""
+    """One CUDA-graph memory pool per device, shared by every static step of an engine. Every
+    graph's inputs and output buffer live outside the pool, so the graphs share only their
+    intermediates, which no graph reads across replays: any replay order is safe."""
 
     def __init__(self):
         self._pools: dict[torch.device, tuple] = {}
@@ -79,7 +82,9 @@ class StaticStep:
         self.seq_lens = torch.full((b,), q, **i32)
         self.query_start_loc = torch.arange(b + 1, **i32) * q   # constant: q tokens per sequence
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}    # each graph's logits [bucket * q, V], rewritten by its replay
+        # The graphs' output: logits [max_batch * q, V], rewritten by every replay.
+        self.logits = torch.zeros(b * q, runner.vocab_width, dtype=runner.dtype, device=dev) \
+            if self.use_cuda_graph else None
         if self.use_cuda_graph:
             self._capture(graph_pools.get(dev) if graph_pools is not None else None)
 
@@ -110,7 +115,7 @@ class StaticStep:
                 torch.cuda.current_stream(self.runner.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                    self.outputs[bucket] = self._forward(bucket, None)
+                    self.logits[:bucket * self.query_len].copy_(self._forward(bucket, None))
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bucket] = graph
         self._reset_padding(self.max_batch)
@@ -129,8 +134,8 @@ class StaticStep:
         """Run ``steps`` (each with exactly ``query_len`` tokens).
 
         Returns logits [len(steps) * query_len, vocab_width], packed in step order: with a
-        graph, a view of the graph's output, which the next call overwrites. Advances each
-        table's ``num_tokens``.
+        graph, a view of the static logits buffer, which the next call overwrites. Advances
+        each table's ``num_tokens``.
         """
         n = len(steps)
         if n == 0:
@@ -155,7 +160,7 @@ class StaticStep:
         if bucket in self.graphs:
             with torch.cuda.device(self.runner.device):     # the graph's device, whichever is current
                 self.graphs[bucket].replay()
-            logits = self.outputs[bucket][:n_tok]
+            logits = self.logits[:n_tok]
         else:
             logits = self._forward(bucket, max(lay.seq_lens))[:n_tok]
         for step in steps:

@@ -28,15 +28,18 @@ import torch.multiprocessing as mp
 from .protocol import broadcast_stop
 
 _JOIN_TIMEOUT_S = 10.0
+MAX_RESTARTS = 3        # restarts of one engine's workers before a failure stops the engine
 
 
 class TensorParallelError(RuntimeError):
     """The tensor-parallel group failed (a worker died or a collective timed out).
 
-    ``recoverable``: a worker reported an exception in its forward (CUDA out of memory, a
-    bug) before it exited, and the group was self-spawned: the engine can restart the workers
-    and go on. Otherwise (a worker killed without a word, a collective timeout, torchrun's
-    ranks) the engine cannot go on and its workers are stopped."""
+    ``recoverable``: a worker reported an exception in its forward (a bug, out of memory)
+    before it exited, the group was self-spawned on CPU (gloo, where rank 0's pending
+    collective fails as soon as the worker's connection closes), and it has not been
+    restarted MAX_RESTARTS times yet: the engine can restart the workers and go on. Otherwise
+    (a worker killed without a word, a collective timeout, torchrun's ranks, NCCL, whose
+    failure handling has not been tried on GPUs yet) the engine stops its workers."""
 
     def __init__(self, message: str, *, recoverable: bool = False):
         super().__init__(message)
@@ -164,6 +167,8 @@ class TensorParallelGroup:
                 pass
         self.broken, self.serving = None, False
         self.restarts += 1
+        if self.errors is not None:
+            self.errors.close()
         try:
             self._spawn_and_join()
         except BaseException as e:
@@ -225,9 +230,8 @@ class TensorParallelGroup:
         if self.broken is not None:
             raise TensorParallelError(f"the tensor-parallel group failed earlier: {self.broken}")
         dead = [(w.name, w.exitcode) for w in self.workers if not w.is_alive()]
-        if dead:
-            self.broken = TensorParallelError(f"worker(s) exited: {dead}")
-            raise self.broken
+        if dead:     # between two steps; fail() reads what the worker reported before it exited
+            raise self.fail(TensorParallelError(f"worker(s) exited: {dead}"))
 
     def fail(self, exc: BaseException) -> TensorParallelError:
         """Record that a collective failed; the error to raise (the group is unusable), with
@@ -239,8 +243,10 @@ class TensorParallelGroup:
         detail = "".join(f"; {r}" for r in reports) + (f"; exited: {dead}" if dead else "")
         # A worker that reported its exception exited on purpose; a silent death or a timeout
         # (a hung rank) is not worth a restart loop.
+        recoverable = self.spawned and bool(reports) and self.spec.device_type == "cpu" and \
+            self.restarts < MAX_RESTARTS
         self.broken = TensorParallelError(f"the tensor-parallel group failed: {type(exc).__name__}: {exc}{detail}",
-                                          recoverable=self.spawned and bool(reports))
+                                          recoverable=recoverable)
         return self.broken
 
     def close(self) -> None:
