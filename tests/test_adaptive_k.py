@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 import eft_fast
-from eft_fast.engine.adaptive_k import (CANDIDATES, MEASURE_ROUNDS, REMEASURE_EVERY, DraftLengthController,
-                                        expected_tokens)
+from eft_fast.engine.adaptive_k import CANDIDATES, REMEASURE_EVERY, DraftLengthController, expected_tokens
 from eft_fast.engine.config import EngineConfig
 from engine_helpers import random_requests, tiny_engine
 
@@ -19,41 +18,48 @@ def test_expected_tokens():
     assert expected_tokens(8, 0.0) == 1.0
 
 
-def _run(controller, batch, cost_of, accepted_fraction=1.0, rounds=1):
+def _run(controller, batch, cost_of, accepted_fraction=1.0, rounds=1, limit=None):
     """Let the controller choose ``rounds`` times; each round costs cost_of(k) seconds and
     every request accepts round(accepted_fraction * k) of its k drafts."""
     chosen = []
     for _ in range(rounds):
-        k = controller.choose(batch)
+        k = controller.choose(batch, limit)
         a = round(accepted_fraction * k)
         controller.record(k, batch, cost_of(k), [k] * batch, [a] * batch)
         chosen.append(k)
     return chosen
 
 
-def test_every_candidate_is_measured_then_the_fastest_is_chosen():
+def test_the_climb_measures_lengths_while_they_pay_then_keeps_the_fastest():
+    # Every draft accepted and cheap drafts: each longer length pays, the climb reaches 8.
     controller = DraftLengthController(max_k=8, max_batch=16)
-    first = _run(controller, 1, lambda k: 1.0 + 0.1 * k, rounds=MEASURE_ROUNDS * len(CANDIDATES))
-    assert sorted(first) == sorted(list(CANDIDATES) * MEASURE_ROUNDS)
-    # Every draft accepted: the estimate rises toward 1, and with cheap drafts the longest wins.
-    assert controller.acceptance > 0.9
+    assert _run(controller, 1, lambda k: 1.0 + 0.1 * k, rounds=len(CANDIDATES)) == list(CANDIDATES)
+    assert controller.acceptance > 0.85
     assert _run(controller, 1, lambda k: 1.0 + 0.1 * k, rounds=5) == [8] * 5
-    # Drafting that costs as much as the verify and is always rejected: plain decoding wins.
+    # Drafts as dear as the verify and always rejected: k = 1 loses to k = 0, so 2, 4 and 8 are
+    # never tried, and plain decoding is kept.
     rejecting = DraftLengthController(max_k=8, max_batch=16)
-    _run(rejecting, 1, lambda k: 1.0 + k, accepted_fraction=0.0, rounds=MEASURE_ROUNDS * len(CANDIDATES))
-    assert rejecting.acceptance < 0.5                   # the prior (0.7, as 10 rounds) fades
-    assert _run(rejecting, 1, lambda k: 1.0 + k, accepted_fraction=0.0, rounds=5) == [0] * 5
+    assert _run(rejecting, 1, lambda k: 1.0 + k, accepted_fraction=0.0, rounds=8) == [0, 1] + [0] * 6
+    # A peak in the middle: the climb stops after the first length past it.
+    peaked = DraftLengthController(max_k=8, max_batch=16)
+    cost = {0: 1.0, 1: 1.2, 2: 1.4, 4: 4.0, 8: 20.0}
+    assert _run(peaked, 1, cost.__getitem__, rounds=6) == [0, 1, 2, 4, 2, 2]
 
 
-def test_batch_buckets_are_measured_apart_and_candidates_remeasured():
+def test_buckets_limits_remeasurement_and_built_steps():
     controller = DraftLengthController(max_k=4, max_batch=64)
     assert controller.candidates == (0, 1, 2, 4)
-    warm = MEASURE_ROUNDS * len(controller.candidates)
-    _run(controller, 1, lambda k: 1.0, rounds=warm)
-    assert controller.choose(16) == 0          # a new bucket starts measuring again
-    controller.record(0, 16, 1.0, [0] * 16, [0] * 16)
-    chosen = _run(controller, 1, lambda k: 1.0, rounds=3 * REMEASURE_EVERY)
-    assert len(set(chosen)) > 1                 # re-measurements interleave with the choice
+    _run(controller, 1, lambda k: 1.0, rounds=4)
+    assert controller.choose(16) == 0              # a new bucket climbs again
+    assert controller.choose(1, limit=1) in (0, 1)  # never past the round's feasible length
+    # Every REMEASURE_EVERY rounds of a bucket, a neighbour of the best is measured again.
+    chosen = _run(controller, 1, lambda k: 1.0 + 0.01 * k, rounds=3 * REMEASURE_EVERY)
+    assert len(set(chosen)) > 1 and chosen.count(4) > 2 * REMEASURE_EVERY
+    # A round that built a static step does not set the cost of its length.
+    fresh = DraftLengthController(max_k=2, max_batch=4)
+    k = fresh.choose(1)
+    fresh.record(k, 1, 100.0, [k], [k], built_step=True)
+    assert fresh.choose(1) == k                    # still unmeasured
 
 
 def test_auto_needs_exact_acceptance_and_rejects_other_strings():

@@ -124,7 +124,7 @@ def format_targets(targets: list[dict]) -> str:
         verdict = "met" if t["met"] else f"missed ({t['shortfall']:.2f}x short)"
         if "identical" in t:
             verdict += ", identical samples" if t["identical"] else ", samples differ"
-        rows.append([t["target"], f"{t['minimum']:.1f}x", f"{t['measured']:.2f}x", verdict])
+        rows.append([t["target"], f"{t['minimum']:.2f}x", f"{t['measured']:.2f}x", verdict])
     return _render(rows)
 
 

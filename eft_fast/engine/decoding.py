@@ -51,10 +51,12 @@ class Decoder:
             return self.speculative.round(requests, k, own) if k > 0 else self.plain_round(requests)
         longest, _ = draft_lengths(requests, self.runners, self.speculative.k)
         k, own = draft_lengths(requests, self.runners, self.draft_control.choose(len(requests), longest))
+        steps_before = self.speculative.num_static_steps
         start = time.perf_counter()
         out = self.speculative.round(requests, k, own) if k > 0 else self.plain_round(requests)
         self.draft_control.record(k, len(requests), time.perf_counter() - start, own,
-                                  [len(o.tokens) - 1 for o in out])
+                                  [len(o.tokens) - 1 for o in out],
+                                  built_step=self.speculative.num_static_steps != steps_before)
         return out
 
     @torch.inference_mode()

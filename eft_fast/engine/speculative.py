@@ -81,6 +81,11 @@ class SpeculativeDecoder:
         self.forward_counts = [0] * len(runners)       # model forwards, for tests and metrics
         self.proposed = self.accepted = self.rounds = 0  # aggregate over every request
 
+    @property
+    def num_static_steps(self) -> int:
+        """Verify steps built so far (they are built at their first use)."""
+        return len(self._verify_steps)
+
     def _verify_forward(self, m: int, steps: list[SequenceStep], k: int) -> torch.Tensor:
         if k in self.static_ks:   # a full-length verify (or an adaptive candidate): a static (CUDA-graph) step
             if (m, k) not in self._verify_steps:
