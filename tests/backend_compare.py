@@ -20,15 +20,24 @@ VALUE_MARGIN = 1e-5  # a log-prob next to a threshold (fp32 rounding of s and z 
 MASS_MARGIN = 2e-6  # cumulative mass next to p (fp32 sums of <= 50k terms)
 
 
-def _boundary_ambiguous(values: torch.Tensor, weights: torch.Tensor, target: float) -> bool:
+def _boundary_ambiguous(values: torch.Tensor, weights: torch.Tensor, target: float,
+                        columns: torch.Tensor | None = None) -> bool:
     """True when the tie-inclusive top-mass set of `values` (weights normalised) at `target`
-    could change under float rounding of the values or of the cumulative sums."""
+    could change under float rounding of the values or of the cumulative sums.
+
+    columns [V, M]: each token's input logits. Tokens whose fp64 values tie exactly with the
+    threshold's are exact ties only if their inputs are the same; different inputs that happen
+    to give the same fp64 value (a sum of bf16 lattice values) can round apart in fp32."""
     finite = ~torch.isneginf(values)
     values, weights = values[finite], weights[finite]
+    if columns is not None:
+        columns = columns[finite]
     if values.numel() == 0 or target >= 1:
         return False
     order = torch.argsort(values, descending=True)
     values, weights = values[order], weights[order] / weights.sum()
+    if columns is not None:
+        columns = columns[order]
     cum = torch.cumsum(weights, 0)
     k = int((cum >= target).to(torch.int64).argmax()) if bool((cum >= target).any()) else len(cum) - 1
     if abs(float(cum[k]) - target) < MASS_MARGIN or (k > 0 and abs(float(cum[k - 1]) - target) < MASS_MARGIN):
@@ -36,7 +45,12 @@ def _boundary_ambiguous(values: torch.Tensor, weights: torch.Tensor, target: flo
     tau = values[k]
     # A distinct value just below or above tau could swap sides.
     close = (values - tau).abs() < VALUE_MARGIN
-    return bool((close & (values != tau)).any())
+    if bool((close & (values != tau)).any()):
+        return True
+    if columns is not None:
+        tied = (values == tau).nonzero().flatten()
+        return bool((columns[tied] != columns[k]).any())
+    return False
 
 
 def near_tie_rows(inputs: EFTInputs, ref: ReferenceOutput) -> torch.Tensor:
@@ -44,14 +58,22 @@ def near_tie_rows(inputs: EFTInputs, ref: ReferenceOutput) -> torch.Tensor:
     batch = inputs.batch_size
     ties = torch.zeros(batch, dtype=torch.bool)
     noise = gumbel_noise(inputs.seeds, inputs.positions, inputs.vocab_size)
+    V = inputs.vocab_size
     for b in range(batch):
         if int(ref.status[b]) != ROW_OK:
             continue
+        # With reward weights other than one tuned model at weight 1, s = x_R0 + sum beta (x_T - x_R)
+        # is rounded in fp32: equal fp64 values from different inputs can then round apart.
+        weighted = inputs.tuned.shape[0] > 1 or bool((inputs.reward_weights[b] != 1).any())
+        columns = None
+        if weighted:
+            small = [inputs.tuned[:, b, :V]] + ([inputs.reference[:, b, :V]] if inputs.reference is not None else [])
+            columns = torch.cat(small).T.double()                                       # [V, M]
         z = ref.scores[b]
         temperature = float(inputs.temperature[b])
         if inputs.knowledge is not None and float(inputs.weight_top_p[b]) < 1:
             s = ref.small_policy[b]
-            if _boundary_ambiguous(s, torch.exp(s), float(inputs.weight_top_p[b])):
+            if _boundary_ambiguous(s, torch.exp(s), float(inputs.weight_top_p[b]), columns):
                 ties[b] = True
                 continue
         if temperature > 0:
