@@ -26,10 +26,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..engine import sampler as sampler_module
 from ..engine.engine import EFTEngine
 from ..engine.sampling_params import SamplingParams
-from .profile import Profiler, profiled
+from .profile import Profiler, instrument_engine, profiled
 
 BUCKETS = ("forward", "op", "sampler_host", "step_prep", "scheduling", "other")
 BATCHES = (1, 16, 64, 256)
@@ -69,23 +68,6 @@ def tiny_family(vocab: int = 32000, device="cpu", seed: int = 0) -> tuple:
     return tuple(models)
 
 
-def _instrument(profiler: Profiler, engine: EFTEngine) -> None:
-    for runner in engine.runners:
-        profiler.wrap(runner, "run_model", "forward")
-        profiler.wrap(runner, "forward", "step_prep")
-        profiler.wrap(runner, "metadata", "step_prep")
-    decoder = engine.decoder
-    steps = list(decoder.decode_steps)
-    if decoder.speculative is not None:
-        steps += list(decoder.speculative._verify_steps.values())
-        profiler.wrap(decoder.speculative, "_sample", "sampler_host")
-    for step in steps:
-        profiler.wrap(step, "forward", "step_prep")
-    profiler.wrap(decoder, "sample", "sampler_host")
-    profiler.wrap(sampler_module, "run_backend", "op")
-    profiler.wrap(engine.scheduler, "schedule", "scheduling")
-
-
 def measure(models: tuple, mode: str, batch: int, steps: int, device) -> HostRow:
     """Decode ``batch`` requests for ``steps`` steps (after their prefill and a warm-up) and
     split the wall time (see the module docstring)."""
@@ -107,7 +89,7 @@ def measure(models: tuple, mode: str, batch: int, steps: int, device) -> HostRow
     for _ in range(warm):
         engine.step()
     profiler = Profiler(BUCKETS)
-    _instrument(profiler, engine)
+    instrument_engine(profiler, engine, sampling="sampler_host", op="op")
     tokens_before = sum(len(r.output_ids) for r in engine._requests.values())
     with profiled(profiler):
         _sync(device)

@@ -82,9 +82,12 @@ class Profiler:
         self._patched.clear()
 
 
-def instrument_engine(profiler: Profiler, engine) -> None:
+def instrument_engine(profiler: Profiler, engine, *, sampling: str = "sampling", op: str | None = None) -> None:
     """Attach the engine buckets' timers to one EFTEngine (its runners, static steps, decoder,
-    speculative decoder and scheduler). Call after a warm-up, so lazily built steps exist."""
+    speculative decoder and scheduler). Call after a warm-up, so lazily built steps exist.
+
+    ``sampling``: the bucket of the sampling calls; ``op``: if given, the bucket of the fused
+    op itself inside them (``eft_fast.ops.run_backend`` as the sampler calls it)."""
     for runner in engine.runners:
         profiler.wrap(runner, "run_model", "forward", detail=_forward_detail(runner.role))
         profiler.wrap(runner, "forward", "step_prep")
@@ -94,11 +97,15 @@ def instrument_engine(profiler: Profiler, engine) -> None:
     spec = decoder.speculative
     if spec is not None:
         steps += list(spec._verify_steps.values())
-        profiler.wrap(spec, "_sample", "sampling")
-        profiler.wrap(spec, "_rejection", "sampling")
+        profiler.wrap(spec, "_sample", sampling)
+        profiler.wrap(spec, "_rejection", sampling)
     for step in steps:
         profiler.wrap(step, "forward", "step_prep")
-    profiler.wrap(decoder, "sample", "sampling")
+    profiler.wrap(decoder, "sample", sampling)
+    if op is not None:
+        from ..engine import sampler
+
+        profiler.wrap(sampler, "run_backend", op)
     profiler.wrap(engine.scheduler, "schedule", "scheduling")
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .static_step import batch_buckets
+from .static_step import batch_buckets, bucket_for
 
 AUTO_MAX_K = 8
 CANDIDATES = (0, 1, 2, 4, 8)
@@ -73,7 +73,7 @@ class DraftLengthController:
         return self.successes / (self.successes + self.failures)
 
     def _bucket(self, batch: int) -> _Bucket:
-        size = next((b for b in self.buckets if b >= batch), self.buckets[-1])
+        size = bucket_for(self.buckets, min(batch, self.buckets[-1]))
         return self._by_bucket.setdefault(size, _Bucket())
 
     def _rate(self, bucket: _Bucket, k: int) -> float:

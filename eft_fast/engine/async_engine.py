@@ -345,15 +345,18 @@ class _WaitingSlot:
             self._held = False
             self._engine._waiting_first_token -= 1
 
+    def release_from_any_thread(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.release)
+        except RuntimeError:                   # the loop is closed: nobody counts any more
+            pass
+
 
 def _drop_stream(engine: AsyncEFTEngine, handle: int, waiting: _WaitingSlot) -> None:
     """A stream was garbage-collected before its end (in any thread): abort its request and
     give its waiting slot back."""
     engine._commands.put(_Abort(handle))
-    try:
-        waiting._loop.call_soon_threadsafe(waiting.release)
-    except RuntimeError:                       # the loop is closed: nobody counts any more
-        pass
+    waiting.release_from_any_thread()
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, exc: BaseException | None,

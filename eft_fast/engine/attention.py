@@ -108,17 +108,24 @@ def build_torch_path_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            None, num_tokens)]
 
 
+def _key_slots(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_kv_len: int, block_size: int,
+               dummy_slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(key positions [Kmax], valid [S, Kmax] bool, pool slot of each (sequence, key position)
+    [S, Kmax] int64, the dummy slot past a sequence's length); seq_lens int64."""
+    key_pos = torch.arange(max_kv_len, device=block_tables.device)                      # [Kmax]
+    block_idx = (key_pos // block_size).clamp(max=block_tables.shape[1] - 1)
+    slots = block_tables.to(torch.int64)[:, block_idx] * block_size + key_pos % block_size  # [S, Kmax]
+    valid_k = key_pos[None, :] < seq_lens[:, None]                                       # [S, Kmax]
+    return key_pos, valid_k, torch.where(valid_k, slots, torch.full_like(slots, dummy_slot))
+
+
 def _decode_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor, max_kv_len: int,
                     block_size: int, dummy_slot: int) -> TorchPathIndices:
     """:func:`_group_indices` for a step whose every sequence brings exactly one token (the
     query sits at position seq_len - 1 and sees every key before it): the same indices from
     fewer ops, since decode steps are the engine's most frequent ones."""
     device = block_tables.device
-    key_pos = torch.arange(max_kv_len, device=device)                                   # [Kmax]
-    block_idx = (key_pos // block_size).clamp(max=block_tables.shape[1] - 1)
-    slots = block_tables.to(torch.int64)[:, block_idx] * block_size + key_pos % block_size  # [S, Kmax]
-    valid_k = key_pos[None, :] < seq_lens.to(torch.int64)[:, None]                       # [S, Kmax]
-    key_slots = torch.where(valid_k, slots, torch.full_like(slots, dummy_slot))
+    _, valid_k, key_slots = _key_slots(block_tables, seq_lens.to(torch.int64), max_kv_len, block_size, dummy_slot)
     num_seqs = starts.shape[0]
     return TorchPathIndices(starts[:, None], key_slots, valid_k[:, None, None, :],
                             torch.arange(num_seqs, device=device), torch.zeros(num_seqs, dtype=torch.int64, device=device),
@@ -136,11 +143,7 @@ def _group_indices(block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: t
     valid_q = cols[None, :] < q_lens[:, None]                                           # [S, Qmax]
     query_index = torch.where(valid_q, starts[:, None] + cols[None, :], torch.zeros_like(valid_q, dtype=torch.int64))
 
-    key_pos = torch.arange(max_kv_len, device=device)                                   # [Kmax]
-    block_idx = (key_pos // block_size).clamp(max=block_tables.shape[1] - 1)
-    slots = block_tables.to(torch.int64)[:, block_idx] * block_size + key_pos % block_size  # [S, Kmax]
-    valid_k = key_pos[None, :] < seq_lens[:, None]                                       # [S, Kmax]
-    key_slots = torch.where(valid_k, slots, torch.full_like(slots, dummy_slot))
+    key_pos, valid_k, key_slots = _key_slots(block_tables, seq_lens, max_kv_len, block_size, dummy_slot)
 
     # query column c of sequence s is at position seq_len - q_len + c
     q_pos = seq_lens[:, None] - q_lens[:, None] + cols[None, :]                          # [S, Qmax]

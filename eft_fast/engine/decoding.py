@@ -49,8 +49,10 @@ class Decoder:
         if self.draft_control is None:
             k, own = draft_lengths(requests, self.runners, self.speculative.k)
             return self.speculative.round(requests, k, own) if k > 0 else self.plain_round(requests)
-        longest, _ = draft_lengths(requests, self.runners, self.speculative.k)
-        k, own = draft_lengths(requests, self.runners, self.draft_control.choose(len(requests), longest))
+        longest, own_longest = draft_lengths(requests, self.runners, self.speculative.k)
+        # A length k <= the longest round runs k drafts, each request min(k, its own) of them.
+        k = self.draft_control.choose(len(requests), longest)
+        own = [min(n, k) for n in own_longest]
         steps_before = self.speculative.num_static_steps
         start = time.perf_counter()
         out = self.speculative.round(requests, k, own) if k > 0 else self.plain_round(requests)

@@ -29,6 +29,11 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted(set(out))
 
 
+def bucket_for(buckets: list[int], n: int) -> int | None:
+    """The smallest of the sorted ``buckets`` that holds ``n`` sequences (None: none does)."""
+    return next((b for b in buckets if b >= n), None)
+
+
 class GraphPools:
     """One CUDA-graph memory pool per device, shared by every static step of an engine. Every
     graph's inputs and output buffer live outside the pool, so the graphs share only their
@@ -89,10 +94,10 @@ class StaticStep:
             self._capture(graph_pools.get(dev) if graph_pools is not None else None)
 
     def bucket_for(self, n: int) -> int:
-        for b in self.buckets:
-            if b >= n:
-                return b
-        raise ValueError(f"a static step holds at most {self.max_batch} sequences, got {n}")
+        bucket = bucket_for(self.buckets, n)
+        if bucket is None:
+            raise ValueError(f"a static step holds at most {self.max_batch} sequences, got {n}")
+        return bucket
 
     def _forward(self, bucket: int, max_kv_len: int | None) -> torch.Tensor:
         """The model on the first ``bucket`` rows of the buffers; logits [bucket * q, V]."""
