@@ -51,6 +51,16 @@ def test_prompt_logprobs_match_the_fp64_reference(family, rng, weight_top_p):
 
 @pytest.mark.parametrize("speculative_k,accept", [(0, "exact"), (3, "exact"), (3, "rejection")])
 def test_generated_top_logprobs_match_the_fp64_reference(family, rng, speculative_k, accept):
+    _check_generated_logprobs(family, rng, speculative_k, accept)
+
+
+def test_rejection_reports_the_log_prob_of_the_draft_it_accepted(family):
+    """Rejection acceptance can accept a draft other than its verify row's own sample: the
+    reported log-prob is the accepted draft's (inputs where that happens, found by seed)."""
+    _check_generated_logprobs(family, torch.Generator().manual_seed(3665592826905066253), 3, "rejection")
+
+
+def _check_generated_logprobs(family, rng, speculative_k, accept):
     engine = tiny_engine(family, speculative_k=speculative_k, accept=accept)
     prompts = [torch.randint(0, VOCAB, (n,), generator=rng).tolist() for n in (3, 8)]
     params = eft_fast.SamplingParams(max_tokens=7, seed=5, logprobs=3, ignore_eos=True)

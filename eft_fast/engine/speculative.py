@@ -150,10 +150,15 @@ class SpeculativeDecoder:
 
         # 3. accept (at most own[b] drafts; then the sample at the first rejection, or the bonus)
         own_len = torch.tensor(own, dtype=torch.int64)
+        # The EFT log-prob of each draft token at its verify row: with exact acceptance an
+        # accepted draft is the row's own sample; with rejection it may be another token.
+        draft_logprobs = target_logprobs[:, :k]
         if rejection:
             accepted, emitted_last, last_logprob = self._rejection(requests, rows, positions, drafts, targets,
                                                                    res.row_logprobs, torch.stack(draft_logq, 1), k,
                                                                    own_len, res.status == ROW_REJECTED)
+            row_logprobs = res.row_logprobs.view(n, k + 1, -1)[:, :k]
+            draft_logprobs = row_logprobs.gather(2, drafts.to(row_logprobs.device)[:, :, None])[..., 0].float().cpu()
         else:
             match = (drafts == targets[:, :k]).to(torch.int64)
             accepted = torch.minimum(match.cumprod(dim=1).sum(dim=1), own_len)      # leading matches
@@ -167,7 +172,7 @@ class SpeculativeDecoder:
             for m in range(len(self.runners)):
                 r.tables[m].rollback(cached_before[b][m] + 1 + a)
             tokens = drafts[b, :a].tolist() + [int(emitted_last[b])]
-            logprobs = [float(x) for x in target_logprobs[b, :a]] + [float(last_logprob[b])]
+            logprobs = [float(x) for x in draft_logprobs[b, :a]] + [float(last_logprob[b])]
             # a failed draft the request used, or a failed target row it emits from
             errors = [d.error(b) for d in draft_results[:own[b]]] + [res.error(b * (k + 1) + j) for j in range(a + 1)]
             error = next((e for e in errors if e is not None), None)
